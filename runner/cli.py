@@ -1,0 +1,49 @@
+"""What the entry points in jobs/ call: turn a composed config into a run and report it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from runner.config import ConfigError, to_job_config
+
+log = logging.getLogger("runner")
+EXAMPLES = 3
+
+
+def generate(cfg: Any) -> int:
+    """Run the generation job described by a Hydra config; print the summary and a few completions.
+
+    Returns:
+        0 on success; exits with 2 on bad config or input (the message names every problem).
+    """
+    from runner.job import run_job
+
+    try:
+        job = to_job_config(cfg)
+        summary = run_job(job)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n" + summary.describe())
+    print_examples(summary.output_dir)
+    return 0
+
+
+def print_examples(output_dir: str, count: int = EXAMPLES) -> None:
+    """Show the first few completions (by id) so a user sees real output at once."""
+    from runner import output
+
+    out = output.open_output_dir(output_dir)
+    files = output.list_data_files(out)
+    if not files:
+        return
+    import pyarrow.parquet as pq
+
+    with out.fs.open_input_file(files[0].path) as f:
+        table = pq.read_table(f, columns=["id", "prompt", "completion", "finish_reason"]).slice(0, count)
+    print(f"\nfirst {table.num_rows} completions:")
+    for row in table.to_pylist():
+        completion = row["completion"].strip().replace("\n", " ")
+        print(f"- [{row['id']}] ({row['finish_reason']}) {completion[:300]}")

@@ -1,0 +1,257 @@
+"""Structured job configs and their validation.
+
+The dataclasses here are the schema Hydra composes `conf/` against, so a
+misspelled key fails at compose time. `validate()` then checks values and
+raises one `ConfigError` naming every bad field, its value and what is
+accepted. Nothing here imports torch, Ray or Hydra at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+CHAT_TEMPLATE_MODES = ("auto", "none")
+EMBEDDED_PREFIX = "embedded:"
+
+
+class ConfigError(ValueError):
+    """A job config or its input is wrong; the message lists every problem and its fix."""
+
+    def __init__(self, problems: list[str], title: str = "invalid job config"):
+        self.problems = list(problems)
+        lines = [f"{title} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class DatasetConfig:
+    path: str = MISSING
+    split: str = "train"
+    prompt_column: Optional[str] = "prompt"
+    messages_column: Optional[str] = None
+    id_column: Optional[str] = None
+    limit: Optional[int] = None
+    # Hub dataset config name (the second argument of datasets.load_dataset).
+    name: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    quantization: str = "nf4"
+    dtype: str = "auto"
+    # "auto": the tokenizer's own chat template (plain prompts become one user
+    # turn); "none": prompts go to the tokenizer as they are; anything else is
+    # a Jinja chat template used instead of the tokenizer's.
+    chat_template: str = "auto"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """GenerationConfig fields; None means "the model's own default"."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    num_return_sequences: int = 1
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class BatchingConfig:
+    # Padded tokens (prompt + max_new_tokens, per returned sequence) in one batch.
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    shard_size: int = 1000
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    # None: one worker per GPU, or on a CPU-only cluster total CPUs // cpus_per_worker.
+    num_workers: Optional[int] = None
+    cpus_per_worker: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = MISSING
+    # Replace results of another config found in `dir` instead of refusing to run.
+    overwrite: bool = False
+
+
+@dataclass
+class JobConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (called by the entry points)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg: DictConfig | JobConfig) -> JobConfig:
+    """Turn a composed DictConfig into a JobConfig, reporting missing keys as ConfigError."""
+    if isinstance(cfg, JobConfig):
+        return cfg
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        raise ConfigError([f"{k}: required, but not set (add `{k}=...` to the command)" for k in missing])
+    job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), cfg))
+    assert isinstance(job, JobConfig)  # to_object of a JobConfig schema; not user input
+    return job
+
+
+def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    found = []
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(full)
+            continue
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig):
+            found += _missing_keys(value, full + ".")
+    return found
+
+
+def validate(job: JobConfig) -> JobConfig:
+    """Check every value; raise one ConfigError listing all problems."""
+    problems: list[str] = []
+    problems += _dataset_problems(job.dataset)
+    problems += _model_problems(job.model)
+    problems += _generation_problems(job.generation)
+    problems += _batching_problems(job.batching, job.generation)
+    problems += _cluster_problems(job.cluster)
+    if not str(job.output.dir).strip():
+        problems.append("output.dir='': must name a directory or a URI (file://, s3://, gs://)")
+    if problems:
+        raise ConfigError(problems)
+    return job
+
+
+def _dataset_problems(d: DatasetConfig) -> list[str]:
+    problems = []
+    if not str(d.path).strip():
+        problems.append("dataset.path='': must be a local file (.jsonl/.json/.csv/.parquet) or a Hub dataset name")
+    if d.prompt_column and d.messages_column:
+        problems.append(
+            f"dataset.prompt_column={d.prompt_column!r} and dataset.messages_column={d.messages_column!r}: "
+            "set only one (set the other to null)"
+        )
+    if not d.prompt_column and not d.messages_column:
+        problems.append("dataset.prompt_column and dataset.messages_column are both null: set one of them")
+    if d.limit is not None and d.limit <= 0:
+        problems.append(f"dataset.limit={d.limit}: must be a positive number of rows, or null for all rows")
+    return problems
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    problems = []
+    if not str(m.name_or_path).strip():
+        problems.append("model.name_or_path='': must be a local model folder, a Hub model id or embedded:NAME")
+    if m.quantization not in QUANTIZATIONS:
+        problems.append(f"model.quantization={m.quantization!r}: accepted values are {', '.join(QUANTIZATIONS)}")
+    if m.dtype not in DTYPES:
+        problems.append(f"model.dtype={m.dtype!r}: accepted values are {', '.join(DTYPES)}")
+    if m.chat_template is None or not str(m.chat_template).strip():
+        problems.append("model.chat_template is empty: use auto, none, or a Jinja chat template")
+    return problems
+
+
+def _generation_problems(g: GenerationSettings) -> list[str]:
+    problems = []
+    if g.max_new_tokens <= 0:
+        problems.append(f"generation.max_new_tokens={g.max_new_tokens}: must be a positive integer")
+    if g.temperature is not None and (not math.isfinite(g.temperature) or g.temperature < 0):
+        problems.append(f"generation.temperature={g.temperature}: must be >= 0")
+    if g.temperature == 0 and g.do_sample:
+        problems.append(
+            "generation.temperature=0 with generation.do_sample=true: use do_sample=false for greedy "
+            "decoding, or a temperature > 0"
+        )
+    if g.top_p is not None and not (0 < g.top_p <= 1):
+        problems.append(f"generation.top_p={g.top_p}: must be in (0, 1]")
+    if g.top_k is not None and g.top_k < 0:
+        problems.append(f"generation.top_k={g.top_k}: must be >= 0 (0 disables top-k)")
+    if g.repetition_penalty is not None and g.repetition_penalty <= 0:
+        problems.append(f"generation.repetition_penalty={g.repetition_penalty}: must be > 0 (1.0 = off)")
+    if g.num_return_sequences < 1:
+        problems.append(f"generation.num_return_sequences={g.num_return_sequences}: must be >= 1")
+    if g.num_return_sequences > 1 and not g.do_sample:
+        problems.append(
+            f"generation.num_return_sequences={g.num_return_sequences} with do_sample=false: greedy decoding "
+            "returns the same text every time; set generation.do_sample=true"
+        )
+    bad_stops = [s for s in g.stop_strings if not isinstance(s, str) or s == ""]
+    if bad_stops:
+        problems.append(f"generation.stop_strings={list(g.stop_strings)!r}: every stop string must be non-empty")
+    if g.seed < 0:
+        problems.append(f"generation.seed={g.seed}: must be >= 0")
+    return problems
+
+
+def _batching_problems(b: BatchingConfig, g: GenerationSettings) -> list[str]:
+    problems = []
+    if b.max_batch_size < 1:
+        problems.append(f"batching.max_batch_size={b.max_batch_size}: must be >= 1")
+    if b.shard_size < 1:
+        problems.append(f"batching.shard_size={b.shard_size}: must be >= 1")
+    if b.max_batch_tokens < 1:
+        problems.append(f"batching.max_batch_tokens={b.max_batch_tokens}: must be >= 1")
+    elif g.max_new_tokens > 0 and b.max_batch_tokens < g.max_new_tokens * max(g.num_return_sequences, 1):
+        problems.append(
+            f"batching.max_batch_tokens={b.max_batch_tokens}: smaller than one row's generation "
+            f"(max_new_tokens={g.max_new_tokens} x num_return_sequences={g.num_return_sequences}); raise it"
+        )
+    return problems
+
+
+def _cluster_problems(c: ClusterConfig) -> list[str]:
+    problems = []
+    if c.num_workers is not None and c.num_workers < 1:
+        problems.append(f"cluster.num_workers={c.num_workers}: must be >= 1, or null for one per GPU/CPU slot")
+    if c.cpus_per_worker < 1:
+        problems.append(f"cluster.cpus_per_worker={c.cpus_per_worker}: must be >= 1")
+    return problems
+
+
+def as_dict(job: JobConfig) -> dict[str, Any]:
+    """The resolved config as plain data (what manifests and Parquet metadata record)."""
+    return dataclasses.asdict(job)
+
+
+def result_affecting(job: JobConfig) -> dict[str, Any]:
+    """The parts of the config that change what a run writes (not where, not on which cluster)."""
+    d = as_dict(job)
+    return {k: d[k] for k in ("dataset", "model", "generation", "batching")}
+
+
+def config_hash(job: JobConfig) -> str:
+    """Stable hash of the result-affecting config: a rerun with the same hash may resume."""
+    blob = json.dumps(result_affecting(job), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,108 @@
+"""Progress on the driver: a live bar while the run goes, totals for the summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunTotals:
+    """What this invocation generated (committed shards of earlier runs are not counted here)."""
+
+    rows: int = 0
+    sequences: int = 0
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated_steps: int = 0
+    batches: int = 0
+    shards: int = 0
+    retries: int = 0
+    busy_s: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def prompt_padding_efficiency(self) -> float:
+        """Real / padded prompt tokens."""
+        return self.prompt_tokens / self.padded_prompt_tokens if self.padded_prompt_tokens else 1.0
+
+    @property
+    def generation_efficiency(self) -> float:
+        """Useful decode steps / steps run (rows that finished early still occupy their slot)."""
+        return self.completion_tokens / self.generated_steps if self.generated_steps else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows, "sequences": self.sequences, "batches": self.batches, "shards": self.shards,
+            "prompt_tokens": self.prompt_tokens, "padded_prompt_tokens": self.padded_prompt_tokens,
+            "completion_tokens": self.completion_tokens, "generated_steps": self.generated_steps,
+            "retries": self.retries, "elapsed_s": round(self.elapsed_s, 3),
+            "generated_tokens_per_s": round(self.tokens_per_s, 3),
+            "prompt_padding_efficiency": round(self.prompt_padding_efficiency, 4),
+            "generation_efficiency": round(self.generation_efficiency, 4),
+            "worker_busy_s": {k: round(v, 3) for k, v in sorted(self.busy_s.items())},
+        }
+
+
+class ProgressBar:
+    """Counts rows as batches finish; shows generated tokens/s and the ETA."""
+
+    def __init__(self, total_rows: int, already_done: int = 0, enabled: bool | None = None):
+        from tqdm import tqdm
+
+        self.totals = RunTotals()
+        self.bar = tqdm(total=total_rows, initial=already_done, unit="row", desc="generating",
+                        disable=not (sys.stderr.isatty() if enabled is None else enabled), dynamic_ncols=True)
+        self._last_log = 0.0
+        self._total = total_rows
+        self._done = already_done
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        t = self.totals
+        kind = event.get("event")
+        if kind == "batch":
+            t.rows += event["rows"]
+            t.sequences += event["sequences"]
+            t.prompt_tokens += event["prompt_tokens"]
+            t.padded_prompt_tokens += event["padded_prompt_tokens"]
+            t.completion_tokens += event["completion_tokens"]
+            t.generated_steps += event["generated_steps"]
+            t.batches += 1
+            t.busy_s[event["worker"]] = t.busy_s.get(event["worker"], 0.0) + event["latency_s"]
+            self._done += event["rows"]
+            self.bar.update(event["rows"])
+            self.bar.set_postfix(tok_s=f"{t.tokens_per_s:.1f}", refresh=False)
+            self._log_line()
+        elif kind == "shard":
+            t.shards += 1
+        elif kind == "retry":
+            t.retries += 1
+            self.bar.write(f"worker lost on shard {event['shard_id']}; retrying it ({event['error']})")
+
+    def _log_line(self) -> None:
+        # Without a terminal (CI, `ray job submit` logs) print a plain line every few seconds instead.
+        if not self.bar.disable or time.time() - self._last_log < 5:
+            return
+        self._last_log = time.time()
+        t = self.totals
+        rate = t.rows / t.elapsed_s if t.elapsed_s else 0
+        eta = (self._total - self._done) / rate if rate else float("nan")
+        print(f"[progress] {self._done}/{self._total} rows, {t.tokens_per_s:.1f} generated tok/s, "
+              f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> RunTotals:
+        self.totals.finished = time.time()
+        self.bar.close()
+        return self.totals

@@ -1,0 +1,263 @@
+"""The generation worker: holds one model, turns a shard into one Parquet file.
+
+`ShardGenerator` is plain Python: the scheduler wraps it as a Ray actor, and
+benchmarks or a GPU check can drive it without Ray. `__init__` loads the
+model once; `run_shard` generates batch by batch, yielding a progress event
+after each batch and a summary once the shard's file is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from runner import output
+from runner.config import JobConfig
+
+# Transformers' own defaults when sampling and the config leaves a value unset.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+@dataclass
+class WorkerSetup:
+    """Everything a worker needs for a whole job; sent once, when the actor starts."""
+
+    job: JobConfig
+    model_path: str  # what from_pretrained loads (the embedded model already resolved)
+    run_id: str
+    config_hash: str
+    plan_fingerprint: str
+    carry_schema: pa.Schema
+    file_metadata: dict[bytes, bytes]
+
+
+@dataclass
+class ShardTask:
+    """One shard's rows in generation order, cut into batches of positions [start, end)."""
+
+    shard_id: int
+    file_name: str
+    batches: list[tuple[int, int, int]]  # (batch_id, start, end)
+    ids: list[str]
+    prompts: list[str]
+    input_ids: list[list[int]]
+    carry: pa.Table
+
+
+@dataclass
+class SequenceResult:
+    completion: str
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class BatchStats:
+    rows: int
+    sequences: int
+    prompt_tokens: int
+    padded_prompt_tokens: int
+    completion_tokens: int
+    generated_steps: int  # sequences x decode steps the batch ran (generation-side cost)
+    padded_length: int
+    latency_s: float
+
+
+def worker_name(index: int) -> str:
+    """host:node/wN under Ray, host/wN without it."""
+    host = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host}:{ray.get_runtime_context().get_node_id()[:8]}/w{index}"
+    except ImportError:
+        pass
+    return f"{host}/w{index}"
+
+
+def batch_seed(seed: int, batch_id: int) -> int:
+    """A seed per batch, so sampled output does not depend on which worker ran it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{batch_id}".encode()).digest()[:4], "little")
+
+
+class ShardGenerator:
+    """Loads the model once and generates shards with it."""
+
+    def __init__(self, setup: WorkerSetup, index: int = 0, threads: int | None = None):
+        import torch
+
+        from runner import model as model_lib
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.setup = setup
+        self.name = worker_name(index)
+        self.device = model_lib.pick_device()
+        path = model_lib.resolve_model_path(setup.model_path)
+        self.tokenizer = model_lib.load_tokenizer(path, setup.job.model)
+        self.model = model_lib.load_model(path, setup.job.model, self.device)
+        self.generation_config = build_generation_config(self.model.generation_config, setup.job, self.tokenizer)
+        self.end_ids = end_token_ids(self.generation_config, self.tokenizer)
+        self.out = output.open_output_dir(setup.job.output.dir)
+        self.schema = output.output_schema(setup.carry_schema, setup.file_metadata)
+        self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
+
+    def ready(self) -> dict[str, str]:
+        return {"worker": self.name, "device": self.device}
+
+    def run_shard(self, task: ShardTask) -> Iterator[dict[str, Any]]:
+        """Generate every batch of `task`, write its file, and report progress as it goes."""
+        columns: dict[str, list[Any]] = {f.name: [] for f in output.BASE_FIELDS}
+        carry_rows: list[int] = []
+        for batch_id, start, end in task.batches:
+            results, stats = self.generate_batch(task.input_ids[start:end], batch_id)
+            created = datetime.now(timezone.utc)
+            per_row = self.setup.job.generation.num_return_sequences
+            for i, result in enumerate(results):
+                row = start + i // per_row
+                carry_rows.append(row)
+                self._append_row(columns, task, row, i % per_row, result, batch_id, end - start, stats, created)
+            yield {"event": "batch", "worker": self.name, "shard_id": task.shard_id, "batch_id": batch_id,
+                   **stats.__dict__}
+        table = self._table(columns, task.carry.take(pa.array(carry_rows, pa.int64())))
+        output.write_shard(self.out, task.file_name, table)
+        yield {"event": "shard", "worker": self.name, "shard_id": task.shard_id, "file": task.file_name,
+               "rows": table.num_rows}
+
+    def _append_row(self, columns, task, row, sample, result, batch_id, batch_size, stats, created) -> None:
+        values = {
+            "id": task.ids[row], "sample_index": sample, "prompt": task.prompts[row],
+            "completion": result.completion, "prompt_tokens": len(task.input_ids[row]),
+            "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
+            "error": None, "shard_id": task.shard_id, "batch_id": batch_id, "batch_size": batch_size,
+            "padded_length": stats.padded_length, "latency_s": stats.latency_s, "created_at": created, **self.static_columns,
+        }
+        for name, column in columns.items():
+            column.append(values[name])
+
+    def _table(self, columns: dict[str, list[Any]], carry: pa.Table) -> pa.Table:
+        arrays = [pa.array(columns[f.name], type=f.type) for f in output.BASE_FIELDS]
+        arrays += [carry.column(name).combine_chunks() for name in carry.column_names]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def generate_batch(self, input_ids: list[list[int]], batch_id: int) -> tuple[list[SequenceResult], BatchStats]:
+        """Left-pad one batch, generate, and decode the new tokens of every sequence."""
+        import torch
+
+        started = time.perf_counter()
+        ids, mask = left_pad(input_ids, self.tokenizer.pad_token_id)
+        gen = self.setup.job.generation
+        if gen.do_sample:
+            torch.manual_seed(batch_seed(gen.seed, batch_id))
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                generation_config=self.generation_config,
+                tokenizer=self.tokenizer if gen.stop_strings else None,
+            )
+        new_tokens = out[:, ids.shape[1] :].tolist()
+        results = [finish(tokens, self.end_ids, self.tokenizer, gen.stop_strings) for tokens in new_tokens]
+        steps = len(new_tokens[0]) if new_tokens else 0
+        stats = BatchStats(
+            rows=len(input_ids), sequences=len(results), prompt_tokens=sum(len(x) for x in input_ids),
+            padded_prompt_tokens=ids.numel(), completion_tokens=sum(r.completion_tokens for r in results),
+            generated_steps=steps * len(results), padded_length=int(ids.shape[1]),
+            latency_s=time.perf_counter() - started,
+        )
+        return results, stats
+
+
+def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-padded id and attention-mask tensors for a batch of unpadded sequences."""
+    import torch
+
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, seq in enumerate(input_ids):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def build_generation_config(model_defaults: Any, job: JobConfig, tokenizer: Any) -> Any:
+    """The job's generation settings over the model's own defaults; max_new_tokens always explicit."""
+    import copy
+
+    gen = job.generation
+    config = copy.deepcopy(model_defaults)
+    settings: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
+        "num_return_sequences": gen.num_return_sequences, "max_length": None,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if gen.do_sample:
+        settings.update({k: getattr(gen, k) for k in ("temperature", "top_p", "top_k") if getattr(gen, k) is not None})
+    else:  # sampling knobs do nothing in greedy decoding; unset them so nothing warns or misleads
+        settings.update({"temperature": None, "top_p": None, "top_k": None})
+    if gen.repetition_penalty is not None:
+        settings["repetition_penalty"] = gen.repetition_penalty
+    if gen.stop_strings:
+        settings["stop_strings"] = list(gen.stop_strings)
+    if config.eos_token_id is None:
+        settings["eos_token_id"] = tokenizer.eos_token_id
+    config.update(**settings)
+    return config
+
+
+def end_token_ids(generation_config: Any, tokenizer: Any) -> tuple[set[int], int]:
+    """(EOS ids, pad id): where a generated sequence ends."""
+    eos = generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    if not eos_ids and tokenizer.eos_token_id is not None:
+        eos_ids = {tokenizer.eos_token_id}
+    return eos_ids, tokenizer.pad_token_id
+
+
+def finish(tokens: list[int], end_ids: tuple[set[int], int], tokenizer: Any, stop_strings: list[str]) -> SequenceResult:
+    """Decode one generated sequence and tell why it ended.
+
+    The sequence ends at the first EOS (counted as generated) or pad (filler
+    after a stop string, not counted). A stop string found in the text ends
+    the completion just before it. Otherwise a sequence that used every step
+    ended on `length`.
+    """
+    eos_ids, pad_id = end_ids
+    end = next((k for k, t in enumerate(tokens) if t in eos_ids or t == pad_id), len(tokens))
+    text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if hits:
+        return SequenceResult(text[: min(hits)], end, "stop")
+    if end < len(tokens):
+        return SequenceResult(text, end + 1 if tokens[end] in eos_ids else end, "stop")
+    return SequenceResult(text, end, "length")
+
+
+def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name: str) -> dict[str, Any]:
+    """Columns that hold the same value for every row a worker writes in this job."""
+    gen = setup.job.generation
+    sampled = {k: (getattr(generation_config, k) if getattr(generation_config, k) is not None else default)
+               for k, default in SAMPLING_DEFAULTS.items()}
+    config_json = json.dumps({k: v for k, v in generation_config.to_dict().items() if v is not None},
+                             sort_keys=True, default=str)
+    return {
+        "model": setup.job.model.name_or_path, "quantization": setup.job.model.quantization,
+        "temperature": sampled["temperature"] if gen.do_sample else None,
+        "top_p": sampled["top_p"] if gen.do_sample else None,
+        "top_k": sampled["top_k"] if gen.do_sample else None,
+        "repetition_penalty": sampled["repetition_penalty"],
+        "do_sample": gen.do_sample, "max_new_tokens": gen.max_new_tokens, "seed": gen.seed,
+        "generation_config": config_json, "run_id": setup.run_id, "config_hash": setup.config_hash,
+        "worker": name, "device": device,
+    }
+
