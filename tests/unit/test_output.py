@@ -1,0 +1,83 @@
+"""The output contract: schema, atomic files, resume checks, manifest, redaction."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner import output
+from runner.config import ConfigError
+
+DESIGN_COLUMNS = {
+    "id": pa.string(), "sample_index": pa.int32(), "prompt": pa.string(), "completion": pa.string(),
+    "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "finish_reason": pa.string(),
+    "model": pa.string(), "quantization": pa.string(), "temperature": pa.float64(), "top_p": pa.float64(),
+    "top_k": pa.int32(), "do_sample": pa.bool_(), "max_new_tokens": pa.int32(), "seed": pa.int64(),
+    "generation_config": pa.string(), "run_id": pa.string(), "config_hash": pa.string(),
+    "shard_id": pa.int32(), "batch_id": pa.int32(), "batch_size": pa.int32(), "padded_length": pa.int32(),
+    "worker": pa.string(), "device": pa.string(), "latency_s": pa.float64(),
+    "created_at": pa.timestamp("us", tz="UTC"),
+}
+
+
+def test_schema_has_every_design_column_with_its_type_then_carried_columns():
+    schema = output.output_schema(pa.schema([("topic", pa.string())]))
+    for name, typ in DESIGN_COLUMNS.items():
+        assert schema.field(name).type == typ, name
+    assert schema.names[-1] == "topic"
+    with pytest.raises(ValueError):
+        output.output_schema(pa.schema([("prompt", pa.string())]))
+
+
+def one_row_table(config_hash="h", plan="p") -> pa.Table:
+    schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, plan, "run"))
+    row = {f.name: None for f in schema}
+    row.update(id="x", sample_index=0, prompt="p", prompt_tokens=1, finish_reason="stop", model="m",
+               quantization="nf4", do_sample=False, max_new_tokens=1, seed=0, generation_config="{}",
+               run_id="run", config_hash=config_hash, shard_id=0, batch_id=0, batch_size=1, padded_length=1,
+               worker="w", device="cpu", latency_s=0.1, created_at=datetime.now(timezone.utc))
+    return pa.Table.from_pylist([row], schema=schema)
+
+
+def test_shard_write_leaves_only_the_final_file_and_lists_ignore_temporaries(tmp_path):
+    out = output.open_output_dir(str(tmp_path / "run"))
+    output.ensure_writable(out)
+    (tmp_path / "run" / ".part-00001.parquet.tmp-abc").write_bytes(b"partial")
+    output.write_shard(out, "part-00000.parquet", one_row_table())
+    names = [i.base_name for i in output.list_data_files(out)]
+    assert names == ["part-00000.parquet"]
+    meta = pq.read_schema(tmp_path / "run" / "part-00000.parquet").metadata
+    assert json.loads(meta[b"runner.config"]) == {"a": 1}
+    assert pq.read_table(tmp_path / "run" / "part-00000.parquet").num_rows == 1
+
+
+def test_existing_results_of_another_config_are_refused_unless_overwrite(tmp_path):
+    out = output.open_output_dir(str(tmp_path))
+    output.write_shard(out, "part-00000-of-00001-p.parquet", one_row_table("old", "p"))
+    with pytest.raises(ConfigError, match="config hash mismatch.*output.overwrite=true"):
+        output.check_existing(out, "new", "p", overwrite=False)
+    state = output.check_existing(out, "old", "p", overwrite=False)
+    assert state.done == {"part-00000-of-00001-p.parquet"} and state.rows == 1
+    state = output.check_existing(out, "new", "p", overwrite=True)
+    assert state.done == set() and output.list_data_files(out) == []
+
+
+def test_unwritable_output_dir_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        output.ensure_writable(output.open_output_dir(str(blocker / "sub")))
+
+
+def test_manifest_is_atomic_and_redacts_secrets(tmp_path):
+    out = output.open_output_dir(str(tmp_path))
+    output.write_manifest(out, {"config": {"hf_token": "hf_abc", "max_new_tokens": 5,
+                                           "dir": "s3://key:hunter2@bucket/x"}})
+    text = (tmp_path / "manifest.json").read_text()
+    assert "hf_abc" not in text and "hunter2" not in text and '"max_new_tokens": 5' in text
+    assert output.read_manifest(out)["config"]["dir"] == "s3://***@bucket/x"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

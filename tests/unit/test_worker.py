@@ -1,0 +1,87 @@
+"""The worker's generate path, without Ray: padding, finish reasons, token counts, config."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
+from runner.worker import ShardGenerator, ShardTask, WorkerSetup, finish, left_pad
+
+
+def make_generator(model_dir, out_dir, quantization="none", **gen) -> ShardGenerator:
+    job = JobConfig(dataset=DatasetConfig(path="unused"),
+                    model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template="none"),
+                    generation=GenerationSettings(**{"max_new_tokens": 8, **gen}), output=OutputConfig(dir=str(out_dir)))
+    setup = WorkerSetup(job=job, model_path=model_dir, run_id="run-1", config_hash="hash-1",
+                        plan_fingerprint="plan-1", carry_schema=pa.schema([("topic", pa.string())]),
+                        file_metadata={b"runner.config_hash": b"hash-1"})
+    return ShardGenerator(setup, index=0, threads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir):
+    from runner.model import load_tokenizer
+
+    return load_tokenizer(embedded_model_dir)
+
+
+def test_left_pad_puts_padding_and_zero_mask_on_the_left():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_finish_reasons_and_token_counts_exclude_padding(tokenizer):
+    eos = tokenizer.eos_token_id
+    words = tokenizer.encode("Paris is the capital", add_special_tokens=False)
+    end_ids = ({eos}, tokenizer.pad_token_id)
+    stopped = finish(words + [eos, eos, eos], end_ids, tokenizer, [])
+    assert (stopped.completion, stopped.completion_tokens, stopped.finish_reason) == (
+        "Paris is the capital", len(words) + 1, "stop")
+    full = finish(words, end_ids, tokenizer, [])
+    assert (full.completion_tokens, full.finish_reason) == (len(words), "length")
+    at_string = finish(words, end_ids, tokenizer, [" the"])
+    assert (at_string.completion, at_string.finish_reason) == ("Paris is", "stop")
+    # a pad distinct from EOS after a stop string is filler, not a generated token
+    padded = finish(words + [99999, 99999], ({eos}, 99999), tokenizer, [])
+    assert (padded.completion_tokens, padded.finish_reason) == (len(words), "stop")
+
+
+def test_generation_config_is_the_jobs_settings_over_the_models_defaults(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=5, do_sample=True, temperature=0.5,
+                         top_p=0.8, stop_strings=["\n\n"])
+    config = gen.generation_config
+    assert (config.max_new_tokens, config.do_sample, config.temperature, config.top_p) == (5, True, 0.5, 0.8)
+    assert config.pad_token_id == gen.tokenizer.pad_token_id and config.eos_token_id is not None
+    assert gen.static_columns["top_k"] == 50  # transformers' default, recorded as used
+    greedy = make_generator(tiny_llama_dir, tmp_path, temperature=0.5)
+    assert greedy.generation_config.temperature is None and greedy.static_columns["temperature"] is None
+
+
+def test_run_shard_writes_one_file_with_every_row_and_sample(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=6, do_sample=True, num_return_sequences=2)
+    texts = ["a b c d e f g", "hello", "one two three"]
+    input_ids = [gen.tokenizer.encode(t) for t in texts]
+    task = ShardTask(shard_id=3, file_name="part-3.parquet", batches=[(7, 0, 2), (8, 2, 3)], ids=["x", "y", "z"],
+                     prompts=texts, input_ids=input_ids, carry=pa.table({"topic": ["t1", "t2", "t3"]}))
+    events = list(gen.run_shard(task))
+    assert [e["event"] for e in events] == ["batch", "batch", "shard"]
+    table = pq.read_table(tmp_path / "part-3.parquet")
+    rows = table.to_pylist()
+    assert [(r["id"], r["sample_index"]) for r in rows] == [("x", 0), ("x", 1), ("y", 0), ("y", 1), ("z", 0), ("z", 1)]
+    assert [r["topic"] for r in rows] == ["t1", "t1", "t2", "t2", "t3", "t3"]
+    assert [r["prompt_tokens"] for r in rows] == [len(input_ids[i // 2]) for i in range(6)]
+    assert all(1 <= r["completion_tokens"] <= 6 for r in rows)
+    assert [r["batch_id"] for r in rows] == [7, 7, 7, 7, 8, 8] and rows[0]["batch_size"] == 2
+    assert rows[0]["padded_length"] == max(len(x) for x in input_ids[:2])
+    assert {r["shard_id"] for r in rows} == {3} and rows[0]["seed"] == 0 and rows[0]["device"] == "cpu"
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=8, do_sample=True, seed=7)
+    ids = [gen.tokenizer.encode("the quick brown fox")]
+    first = [r.completion for r in gen.generate_batch(ids, batch_id=1)[0]]
+    again = [r.completion for r in gen.generate_batch(ids, batch_id=1)[0]]
+    assert first == again
