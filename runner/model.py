@@ -114,6 +114,9 @@ def prepare_embedded_model(name: str) -> Path:
             return final
         if final.exists():  # a folder without its marker is not ours to trust
             shutil.rmtree(final, ignore_errors=True)
+        # We hold the lock, so any temporary folder left here belongs to a conversion that died.
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             _convert_gguf(gguf, tmp)
