@@ -28,6 +28,8 @@ def generate(cfg: Any) -> int:
         sys.exit(2)
     print("\n" + summary.describe())
     print_examples(summary.output_dir)
+    query = f"SELECT id, finish_reason, completion FROM read_parquet('{summary.output_dir}/*.parquet')"
+    print(f'\nquery it:  python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
     return 0
 
 
@@ -42,8 +44,9 @@ def print_examples(output_dir: str, count: int = EXAMPLES) -> None:
     import pyarrow.parquet as pq
 
     with out.fs.open_input_file(files[0].path) as f:
-        table = pq.read_table(f, columns=["id", "prompt", "completion", "finish_reason"]).slice(0, count)
-    print(f"\nfirst {table.num_rows} completions:")
+        table = pq.read_table(f, columns=["id", "sample_index", "completion", "finish_reason"])
+    table = table.sort_by([("id", "ascending"), ("sample_index", "ascending")]).slice(0, count)
+    print(f"\na few completions (from {files[0].base_name}):")
     for row in table.to_pylist():
         completion = row["completion"].strip().replace("\n", " ")
         print(f"- [{row['id']}] ({row['finish_reason']}) {completion[:300]}")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -37,12 +37,12 @@ class ConfigError(ValueError):
 class DatasetConfig:
     path: str = MISSING
     split: str = "train"
-    prompt_column: Optional[str] = "prompt"
-    messages_column: Optional[str] = None
-    id_column: Optional[str] = None
-    limit: Optional[int] = None
+    prompt_column: str | None = "prompt"
+    messages_column: str | None = None
+    id_column: str | None = None
+    limit: int | None = None
     # Hub dataset config name (the second argument of datasets.load_dataset).
-    name: Optional[str] = None
+    name: str | None = None
 
 
 @dataclass
@@ -54,7 +54,7 @@ class ModelConfig:
     # turn); "none": prompts go to the tokenizer as they are; anything else is
     # a Jinja chat template used instead of the tokenizer's.
     chat_template: str = "auto"
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False
 
 
@@ -64,10 +64,10 @@ class GenerationSettings:
 
     max_new_tokens: int = 256
     do_sample: bool = False
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     num_return_sequences: int = 1
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
@@ -83,9 +83,9 @@ class BatchingConfig:
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None
+    address: str | None = None
     # None: one worker per GPU, or on a CPU-only cluster total CPUs // cpus_per_worker.
-    num_workers: Optional[int] = None
+    num_workers: int | None = None
     cpus_per_worker: int = 2
 
 

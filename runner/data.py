@@ -72,11 +72,16 @@ def read_table(cfg: DatasetConfig) -> pa.Table:
     suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS or path.exists():
         if not path.exists():
-            raise ConfigError([f"dataset.path={cfg.path!r}: no such file; check the path (relative paths "
-                               f"are read from {Path.cwd()})"])
+            raise ConfigError(
+                [f"dataset.path={cfg.path!r}: no such file; check the path (relative paths are read from {Path.cwd()})"]
+            )
         if path.is_dir() or suffix not in LOCAL_FORMATS:
-            raise ConfigError([f"dataset.path={cfg.path!r}: expected a file ending in "
-                               f"{', '.join(LOCAL_FORMATS)}; got {'a folder' if path.is_dir() else suffix or 'no suffix'}"])
+            raise ConfigError(
+                [
+                    f"dataset.path={cfg.path!r}: expected a file ending in "
+                    f"{', '.join(LOCAL_FORMATS)}; got {'a folder' if path.is_dir() else suffix or 'no suffix'}"
+                ]
+            )
         if suffix == ".jsonl":
             check_jsonl(path)
         return _load_with_datasets(LOCAL_FORMATS[suffix], cfg, data_files=str(path), split="train")
@@ -91,9 +96,13 @@ def _load_with_datasets(source: str, cfg: DatasetConfig, **kwargs: Any) -> pa.Ta
         ds = datasets.load_dataset(source, **kwargs)
     except Exception as e:  # datasets raises many types; the user needs one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError([f"dataset.path={cfg.path!r}: could not be loaded ({type(e).__name__}: {msg}). "
-                           "Use a local .jsonl/.json/.csv/.parquet file, or a Hub dataset name when the "
-                           "Hub is reachable"]) from e
+        raise ConfigError(
+            [
+                f"dataset.path={cfg.path!r}: could not be loaded ({type(e).__name__}: {msg}). "
+                "Use a local .jsonl/.json/.csv/.parquet file, or a Hub dataset name when the "
+                "Hub is reachable"
+            ]
+        ) from e
     return ds.with_format("arrow")[:]
 
 
@@ -116,17 +125,26 @@ def check_jsonl(path: Path) -> None:
             bad.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8")
     if bad:
         shown = bad[:SHOW] + ([f"... and {len(bad) - SHOW} more bad lines"] if len(bad) > SHOW else [])
-        raise ConfigError(shown + ["fix or remove these lines; every line must be one JSON object"],
-                          title=f"malformed JSONL in {path}")
+        raise ConfigError(
+            shown + ["fix or remove these lines; every line must be one JSON object"],
+            title=f"malformed JSONL in {path}",
+        )
 
 
 def _require_columns(table: pa.Table, cfg: DatasetConfig, needed: list[str]) -> None:
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        keys = {cfg.prompt_column: "dataset.prompt_column", cfg.messages_column: "dataset.messages_column",
-                cfg.id_column: "dataset.id_column"}
-        raise ConfigError([f"{keys[c]}={c!r}: no such column in {cfg.path}; the columns are "
-                           f"{', '.join(table.column_names)}" for c in missing])
+        keys = {
+            cfg.prompt_column: "dataset.prompt_column",
+            cfg.messages_column: "dataset.messages_column",
+            cfg.id_column: "dataset.id_column",
+        }
+        raise ConfigError(
+            [
+                f"{keys[c]}={c!r}: no such column in {cfg.path}; the columns are {', '.join(table.column_names)}"
+                for c in missing
+            ]
+        )
 
 
 def _ids(table: pa.Table, cfg: DatasetConfig) -> list[str]:
@@ -135,17 +153,25 @@ def _ids(table: pa.Table, cfg: DatasetConfig) -> list[str]:
     column = table.column(cfg.id_column)
     null_rows = [i for i, v in enumerate(column.is_null().to_pylist()) if v]
     if null_rows:
-        raise ConfigError([f"dataset.id_column={cfg.id_column!r}: {len(null_rows)} rows have no id "
-                           f"(row numbers {null_rows[:SHOW]}); fill them in, or set dataset.id_column=null "
-                           "to use row numbers"])
+        raise ConfigError(
+            [
+                f"dataset.id_column={cfg.id_column!r}: {len(null_rows)} rows have no id "
+                f"(row numbers {null_rows[:SHOW]}); fill them in, or set dataset.id_column=null "
+                "to use row numbers"
+            ]
+        )
     ids = [str(v) for v in column.to_pylist()]
     counts = pc.value_counts(pa.array(ids))
     dupes = [(d["values"], d["counts"]) for d in counts.to_pylist() if d["counts"] > 1]
     if dupes:
         shown = ", ".join(f"{v!r} x{n}" for v, n in dupes[:SHOW])
-        raise ConfigError([f"dataset.id_column={cfg.id_column!r}: ids must be unique, but {len(dupes)} repeat "
-                           f"({shown}{', ...' if len(dupes) > SHOW else ''}); deduplicate the input, or set "
-                           "dataset.id_column=null to use row numbers"])
+        raise ConfigError(
+            [
+                f"dataset.id_column={cfg.id_column!r}: ids must be unique, but {len(dupes)} repeat "
+                f"({shown}{', ...' if len(dupes) > SHOW else ''}); deduplicate the input, or set "
+                "dataset.id_column=null to use row numbers"
+            ]
+        )
     return ids
 
 
@@ -155,26 +181,37 @@ def _check_prompts(values: list[Any], ids: list[str], column: str) -> tuple[list
     problems = []
     if not_text:
         kinds = sorted({type(v).__name__ for v in values if not isinstance(v, str)})
-        problems.append(f"dataset.prompt_column={column!r}: {len(not_text)} rows are not text "
-                        f"({', '.join(kinds)}; ids {_show(not_text)}); prompts must be strings")
+        problems.append(
+            f"dataset.prompt_column={column!r}: {len(not_text)} rows are not text "
+            f"({', '.join(kinds)}; ids {_show(not_text)}); prompts must be strings"
+        )
     if blank:
-        problems.append(f"dataset.prompt_column={column!r}: {len(blank)} rows have an empty or blank prompt "
-                        f"(ids {_show(blank)}); remove them or fill them in")
+        problems.append(
+            f"dataset.prompt_column={column!r}: {len(blank)} rows have an empty or blank prompt "
+            f"(ids {_show(blank)}); remove them or fill them in"
+        )
     return values, problems
 
 
 def _check_messages(values: list[Any], ids: list[str], column: str) -> tuple[list[Any], list[str]]:
     bad = [i for i, v in zip(ids, values) if not _is_chat(v)]
     if bad:
-        return values, [f"dataset.messages_column={column!r}: {len(bad)} rows are not a non-empty list of "
-                        f"{{role, content}} messages with text content (ids {_show(bad)})"]
+        return values, [
+            f"dataset.messages_column={column!r}: {len(bad)} rows are not a non-empty list of "
+            f"{{role, content}} messages with text content (ids {_show(bad)})"
+        ]
     return [[{"role": m["role"], "content": m["content"]} for m in v] for v in values], []
 
 
 def _is_chat(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value) and any(m["content"].strip() for m in value))
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+        and any(m["content"].strip() for m in value)
+    )
 
 
 def _show(ids: list[str]) -> str:
@@ -194,11 +231,19 @@ def render(prompts: Prompts, tokenizer: Any, chat_template: str) -> tuple[list[s
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if prompts.messages is not None:
         if chat_template == "none":
-            raise ConfigError(["model.chat_template=none with dataset.messages_column: messages need a chat "
-                               "template; use model.chat_template=auto or give a Jinja template"])
+            raise ConfigError(
+                [
+                    "model.chat_template=none with dataset.messages_column: messages need a chat "
+                    "template; use model.chat_template=auto or give a Jinja template"
+                ]
+            )
         if not has_template:
-            raise ConfigError(["dataset.messages_column is set but the model's tokenizer has no chat template; "
-                               "set model.chat_template to a Jinja template"])
+            raise ConfigError(
+                [
+                    "dataset.messages_column is set but the model's tokenizer has no chat template; "
+                    "set model.chat_template to a Jinja template"
+                ]
+            )
         conversations = prompts.messages
     elif chat_template == "none" or not has_template:
         return list(prompts.prompts), True
@@ -212,7 +257,8 @@ def tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool, batch: 
     """Token ids of every text, unpadded, in input order."""
     ids: list[list[int]] = []
     for start in range(0, len(texts), batch):
-        enc = tokenizer(texts[start : start + batch], add_special_tokens=add_special_tokens,
-                        padding=False, truncation=False)
+        enc = tokenizer(
+            texts[start : start + batch], add_special_tokens=add_special_tokens, padding=False, truncation=False
+        )
         ids.extend(enc["input_ids"])
     return ids

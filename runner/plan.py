@@ -130,8 +130,9 @@ def plan_shards(
 
 
 def shard_cost(shard: Shard, plan: Plan) -> int:
-    return sum(batch_cost(len(b.rows), b.padded_length, plan.max_new_tokens, plan.num_return_sequences)
-               for b in shard.batches)
+    return sum(
+        batch_cost(len(b.rows), b.padded_length, plan.max_new_tokens, plan.num_return_sequences) for b in shard.batches
+    )
 
 
 def schedule_order(plan: Plan) -> list[Shard]:

@@ -45,10 +45,16 @@ class RunTotals:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "rows": self.rows, "sequences": self.sequences, "batches": self.batches, "shards": self.shards,
-            "prompt_tokens": self.prompt_tokens, "padded_prompt_tokens": self.padded_prompt_tokens,
-            "completion_tokens": self.completion_tokens, "generated_steps": self.generated_steps,
-            "retries": self.retries, "elapsed_s": round(self.elapsed_s, 3),
+            "rows": self.rows,
+            "sequences": self.sequences,
+            "batches": self.batches,
+            "shards": self.shards,
+            "prompt_tokens": self.prompt_tokens,
+            "padded_prompt_tokens": self.padded_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "generated_steps": self.generated_steps,
+            "retries": self.retries,
+            "elapsed_s": round(self.elapsed_s, 3),
             "generated_tokens_per_s": round(self.tokens_per_s, 3),
             "prompt_padding_efficiency": round(self.prompt_padding_efficiency, 4),
             "generation_efficiency": round(self.generation_efficiency, 4),
@@ -63,8 +69,14 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.totals = RunTotals()
-        self.bar = tqdm(total=total_rows, initial=already_done, unit="row", desc="generating",
-                        disable=not (sys.stderr.isatty() if enabled is None else enabled), dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_rows,
+            initial=already_done,
+            unit="row",
+            desc="generating",
+            disable=not (sys.stderr.isatty() if enabled is None else enabled),
+            dynamic_ncols=True,
+        )
         self._last_log = 0.0
         self._total = total_rows
         self._done = already_done
@@ -99,8 +111,11 @@ class ProgressBar:
         t = self.totals
         rate = t.rows / t.elapsed_s if t.elapsed_s else 0
         eta = (self._total - self._done) / rate if rate else float("nan")
-        print(f"[progress] {self._done}/{self._total} rows, {t.tokens_per_s:.1f} generated tok/s, "
-              f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        print(
+            f"[progress] {self._done}/{self._total} rows, {t.tokens_per_s:.1f} generated tok/s, ETA {eta:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> RunTotals:
         self.totals.finished = time.time()

@@ -31,13 +31,17 @@ def connect(cluster: ClusterConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    common = {"logging_level": logging.WARNING, "log_to_driver": True,
-              "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+    common = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    }
     if cluster.address:
         ray.init(address=cluster.address, **common)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 include_dashboard=False, **common)
+        ray.init(
+            address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False, **common
+        )
     return True
 
 
@@ -61,8 +65,9 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
     else:
         cpus = int(resources.get("CPU", 1))
         if cluster.cpus_per_worker > cpus:
-            raise ConfigError([f"cluster.cpus_per_worker={cluster.cpus_per_worker}: the cluster has only "
-                               f"{cpus} CPUs; lower it"])
+            raise ConfigError(
+                [f"cluster.cpus_per_worker={cluster.cpus_per_worker}: the cluster has only {cpus} CPUs; lower it"]
+            )
         count = cluster.num_workers or max(1, cpus // cluster.cpus_per_worker)
         options = {"num_cpus": cluster.cpus_per_worker}
         threads = cluster.cpus_per_worker
@@ -86,7 +91,8 @@ class ShardScheduler:
         index = self.next_index
         self.next_index += 1
         return self.actor_class.options(**self.workers.options, max_restarts=0).remote(
-            self.setup, index, self.workers.threads)
+            self.setup, index, self.workers.threads
+        )
 
     def run(self, tasks: list[ShardTask]) -> None:
         """Run every task to completion (tasks come in the order they should start)."""
@@ -115,10 +121,11 @@ class ShardScheduler:
                         raise RuntimeError(f"a worker could not start:\n{e}") from e
                     failures.append(f"shard {task.shard_id}: {_short(e)}")
                     if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
-                        raise RuntimeError(f"shard {task.shard_id} failed {MAX_SHARD_ATTEMPTS} times; last "
-                                           f"errors:\n" + "\n".join(failures[-MAX_SHARD_ATTEMPTS:])) from e
-                    log.warning("worker died on shard %s (%s); retrying it on a new worker",
-                                task.shard_id, _short(e))
+                        raise RuntimeError(
+                            f"shard {task.shard_id} failed {MAX_SHARD_ATTEMPTS} times; last "
+                            f"errors:\n" + "\n".join(failures[-MAX_SHARD_ATTEMPTS:])
+                        ) from e
+                    log.warning("worker died on shard %s (%s); retrying it on a new worker", task.shard_id, _short(e))
                     self.on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
                     pending.appendleft(task)
                     idle.append(self._start_actor())
@@ -129,4 +136,3 @@ class ShardScheduler:
 def _short(e: BaseException) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(e).__name__
-

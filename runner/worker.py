@@ -126,20 +126,40 @@ class ShardGenerator:
                 row = start + i // per_row
                 carry_rows.append(row)
                 self._append_row(columns, task, row, i % per_row, result, batch_id, end - start, stats, created)
-            yield {"event": "batch", "worker": self.name, "shard_id": task.shard_id, "batch_id": batch_id,
-                   **stats.__dict__}
+            yield {
+                "event": "batch",
+                "worker": self.name,
+                "shard_id": task.shard_id,
+                "batch_id": batch_id,
+                **stats.__dict__,
+            }
         table = self._table(columns, task.carry.take(pa.array(carry_rows, pa.int64())))
         output.write_shard(self.out, task.file_name, table)
-        yield {"event": "shard", "worker": self.name, "shard_id": task.shard_id, "file": task.file_name,
-               "rows": table.num_rows}
+        yield {
+            "event": "shard",
+            "worker": self.name,
+            "shard_id": task.shard_id,
+            "file": task.file_name,
+            "rows": table.num_rows,
+        }
 
     def _append_row(self, columns, task, row, sample, result, batch_id, batch_size, stats, created) -> None:
         values = {
-            "id": task.ids[row], "sample_index": sample, "prompt": task.prompts[row],
-            "completion": result.completion, "prompt_tokens": len(task.input_ids[row]),
-            "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
-            "error": None, "shard_id": task.shard_id, "batch_id": batch_id, "batch_size": batch_size,
-            "padded_length": stats.padded_length, "latency_s": stats.latency_s, "created_at": created, **self.static_columns,
+            "id": task.ids[row],
+            "sample_index": sample,
+            "prompt": task.prompts[row],
+            "completion": result.completion,
+            "prompt_tokens": len(task.input_ids[row]),
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason,
+            "error": None,
+            "shard_id": task.shard_id,
+            "batch_id": batch_id,
+            "batch_size": batch_size,
+            "padded_length": stats.padded_length,
+            "latency_s": stats.latency_s,
+            "created_at": created,
+            **self.static_columns,
         }
         for name, column in columns.items():
             column.append(values[name])
@@ -160,7 +180,8 @@ class ShardGenerator:
             torch.manual_seed(batch_seed(gen.seed, batch_id))
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
                 generation_config=self.generation_config,
                 tokenizer=self.tokenizer if gen.stop_strings else None,
             )
@@ -168,9 +189,13 @@ class ShardGenerator:
         results = [finish(tokens, self.end_ids, self.tokenizer, gen.stop_strings) for tokens in new_tokens]
         steps = len(new_tokens[0]) if new_tokens else 0
         stats = BatchStats(
-            rows=len(input_ids), sequences=len(results), prompt_tokens=sum(len(x) for x in input_ids),
-            padded_prompt_tokens=ids.numel(), completion_tokens=sum(r.completion_tokens for r in results),
-            generated_steps=steps * len(results), padded_length=int(ids.shape[1]),
+            rows=len(input_ids),
+            sequences=len(results),
+            prompt_tokens=sum(len(x) for x in input_ids),
+            padded_prompt_tokens=ids.numel(),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            generated_steps=steps * len(results),
+            padded_length=int(ids.shape[1]),
             latency_s=time.perf_counter() - started,
         )
         return results, stats
@@ -197,8 +222,10 @@ def build_generation_config(model_defaults: Any, job: JobConfig, tokenizer: Any)
     gen = job.generation
     config = copy.deepcopy(model_defaults)
     settings: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
-        "num_return_sequences": gen.num_return_sequences, "max_length": None,
+        "max_new_tokens": gen.max_new_tokens,
+        "do_sample": gen.do_sample,
+        "num_return_sequences": gen.num_return_sequences,
+        "max_length": None,
         "pad_token_id": tokenizer.pad_token_id,
     }
     if gen.do_sample:
@@ -246,18 +273,26 @@ def finish(tokens: list[int], end_ids: tuple[set[int], int], tokenizer: Any, sto
 def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name: str) -> dict[str, Any]:
     """Columns that hold the same value for every row a worker writes in this job."""
     gen = setup.job.generation
-    sampled = {k: (getattr(generation_config, k) if getattr(generation_config, k) is not None else default)
-               for k, default in SAMPLING_DEFAULTS.items()}
-    config_json = json.dumps({k: v for k, v in generation_config.to_dict().items() if v is not None},
-                             sort_keys=True, default=str)
+    sampled = {
+        k: (getattr(generation_config, k) if getattr(generation_config, k) is not None else default)
+        for k, default in SAMPLING_DEFAULTS.items()
+    }
+    config_json = json.dumps(
+        {k: v for k, v in generation_config.to_dict().items() if v is not None}, sort_keys=True, default=str
+    )
     return {
-        "model": setup.job.model.name_or_path, "quantization": setup.job.model.quantization,
+        "model": setup.job.model.name_or_path,
+        "quantization": setup.job.model.quantization,
         "temperature": sampled["temperature"] if gen.do_sample else None,
         "top_p": sampled["top_p"] if gen.do_sample else None,
         "top_k": sampled["top_k"] if gen.do_sample else None,
         "repetition_penalty": sampled["repetition_penalty"],
-        "do_sample": gen.do_sample, "max_new_tokens": gen.max_new_tokens, "seed": gen.seed,
-        "generation_config": config_json, "run_id": setup.run_id, "config_hash": setup.config_hash,
-        "worker": name, "device": device,
+        "do_sample": gen.do_sample,
+        "max_new_tokens": gen.max_new_tokens,
+        "seed": gen.seed,
+        "generation_config": config_json,
+        "run_id": setup.run_id,
+        "config_hash": setup.config_hash,
+        "worker": name,
+        "device": device,
     }
-

@@ -16,8 +16,9 @@ PREPARE = "from runner.model import prepare_embedded_model as p; print('READY', 
 
 def start(cache: Path) -> subprocess.Popen:
     env = {**os.environ, "RUNNER_CACHE_DIR": str(cache)}
-    return subprocess.Popen([sys.executable, "-c", PREPARE], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", PREPARE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def ready_path(proc: subprocess.Popen) -> Path:
@@ -38,8 +39,10 @@ def test_a_conversion_killed_halfway_is_never_trusted_and_is_redone(tmp_path):
     proc = start(tmp_path)
     models = tmp_path / "models"
     deadline = time.time() + 300
-    while time.time() < deadline and not any(p.name.startswith(".") and "tmp-" in p.name and any(p.iterdir())
-                                             for p in (models.iterdir() if models.exists() else [])):
+    while time.time() < deadline and not any(
+        p.name.startswith(".") and "tmp-" in p.name and any(p.iterdir())
+        for p in (models.iterdir() if models.exists() else [])
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

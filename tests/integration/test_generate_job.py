@@ -16,35 +16,62 @@ from tests.conftest import REPO, write_jsonl
 from tests.unit.test_output import DESIGN_COLUMNS
 
 QUESTIONS = [
-    "What is the boiling point of water at sea level?", "Name a primary colour.",
-    "Write one sentence about the moon.", "What is 3 + 4?", "Who wrote Romeo and Juliet?",
-    "List two fruits that are yellow.", "What is the opposite of cold?",
+    "What is the boiling point of water at sea level?",
+    "Name a primary colour.",
+    "Write one sentence about the moon.",
+    "What is 3 + 4?",
+    "Who wrote Romeo and Juliet?",
+    "List two fruits that are yellow.",
+    "What is the opposite of cold?",
     "Explain in a few words what a bicycle is, how it works, who might use one and why it is good for cities.",
-    "Say hello in German.", "What colour is grass?", "How many legs does a spider have?",
-    "Give a synonym for big.", "What is the largest planet?", "Finish the phrase: once upon a",
+    "Say hello in German.",
+    "What colour is grass?",
+    "How many legs does a spider have?",
+    "Give a synonym for big.",
+    "What is the largest planet?",
+    "Finish the phrase: once upon a",
 ]
 
 
 def run_cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_TOKEN": "hf_secret_never_printed_123"}
-    return subprocess.run([sys.executable, "jobs/generate.py", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "jobs/generate.py", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def unseen_jsonl(tmp_path_factory) -> Path:
-    rows = [{"qid": f"Q-{i:03d}", "question": q, "category": "trivia" if i % 2 else "misc", "id": i * 10}
-            for i, q in enumerate(QUESTIONS)]
+    rows = [
+        {"qid": f"Q-{i:03d}", "question": q, "category": "trivia" if i % 2 else "misc", "id": i * 10}
+        for i, q in enumerate(QUESTIONS)
+    ]
     return write_jsonl(tmp_path_factory.mktemp("data") / "my_questions.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
 def sampled_run(unseen_jsonl, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run1"
-    args = [f"dataset.path={unseen_jsonl}", "dataset.prompt_column=question", "dataset.id_column=qid",
-            "generation.max_new_tokens=8", "generation.do_sample=true", "generation.temperature=0.8",
-            "generation.num_return_sequences=2", "generation.seed=11", "batching.shard_size=4",
-            "batching.max_batch_size=4", "cluster.num_workers=2", "cluster.cpus_per_worker=1", f"output.dir={out}"]
+    args = [
+        f"dataset.path={unseen_jsonl}",
+        "dataset.prompt_column=question",
+        "dataset.id_column=qid",
+        "generation.max_new_tokens=8",
+        "generation.do_sample=true",
+        "generation.temperature=0.8",
+        "generation.num_return_sequences=2",
+        "generation.seed=11",
+        "batching.shard_size=4",
+        "batching.max_batch_size=4",
+        "cluster.num_workers=2",
+        "cluster.cpus_per_worker=1",
+        f"output.dir={out}",
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, args, result
@@ -60,7 +87,7 @@ def test_every_row_and_sample_exactly_once_with_the_full_contract(sampled_run):
     ids = {r[0] for r in con.execute(f"select distinct id from read_parquet('{files}')").fetchall()}
     assert ids == {f"Q-{i:03d}" for i in range(len(QUESTIONS))}
     frame = pl.read_parquet(files)
-    for name, typ in DESIGN_COLUMNS.items():
+    for name in DESIGN_COLUMNS:
         assert name in frame.columns, name
     assert frame.schema["sample_index"] == pl.Int32 and frame.schema["created_at"] == pl.Datetime("us", "UTC")
     assert frame.schema["latency_s"] == pl.Float64 and frame.schema["do_sample"] == pl.Boolean
@@ -106,8 +133,13 @@ def test_rerun_resumes_and_another_config_is_refused(sampled_run):
 
 
 def test_bad_config_fails_fast_naming_every_problem(tmp_path):
-    result = run_cli("generation.temperature=-0.5", "generation.top_p=0", "model.quantization=int3",
-                     f"output.dir={tmp_path}", timeout=120)
+    result = run_cli(
+        "generation.temperature=-0.5",
+        "generation.top_p=0",
+        "model.quantization=int3",
+        f"output.dir={tmp_path}",
+        timeout=120,
+    )
     assert result.returncode == 2
     for text in ("generation.temperature=-0.5", "generation.top_p=0", "model.quantization='int3'"):
         assert text in result.stderr
@@ -117,13 +149,24 @@ def test_bad_config_fails_fast_naming_every_problem(tmp_path):
 def test_bad_input_fails_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
-    result = run_cli(f"dataset.path={bad}", "dataset.id_column=null", "model.name_or_path=./no/such/model",
-                     f"output.dir={tmp_path / 'out'}", timeout=120)
+    result = run_cli(
+        f"dataset.path={bad}",
+        "dataset.id_column=null",
+        "model.name_or_path=./no/such/model",
+        f"output.dir={tmp_path / 'out'}",
+        timeout=120,
+    )
     assert result.returncode == 2
     assert f"{bad}:2: not valid JSON" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_model_folder_is_named(tmp_path, unseen_jsonl):
-    result = run_cli(f"dataset.path={unseen_jsonl}", "dataset.prompt_column=question", "dataset.id_column=qid",
-                     "model.name_or_path=./models/missing-model", f"output.dir={tmp_path}", timeout=120)
+    result = run_cli(
+        f"dataset.path={unseen_jsonl}",
+        "dataset.prompt_column=question",
+        "dataset.id_column=qid",
+        "model.name_or_path=./models/missing-model",
+        f"output.dir={tmp_path}",
+        timeout=120,
+    )
     assert result.returncode == 2 and "model.name_or_path='./models/missing-model': no such folder" in result.stderr

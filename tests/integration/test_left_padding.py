@@ -25,15 +25,27 @@ MAX_NEW_TOKENS = 16
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows, tmp_path):
-    job = JobConfig(dataset=DatasetConfig(path="unused"),
-                    model=ModelConfig(name_or_path=embedded_model_dir, quantization="nf4"),
-                    generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS), output=OutputConfig(dir=str(tmp_path)))
-    setup = WorkerSetup(job=job, model_path=embedded_model_dir, run_id="r", config_hash="h", plan_fingerprint="p",
-                        carry_schema=pa.schema([]), file_metadata={})
+    job = JobConfig(
+        dataset=DatasetConfig(path="unused"),
+        model=ModelConfig(name_or_path=embedded_model_dir, quantization="nf4"),
+        generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS),
+        output=OutputConfig(dir=str(tmp_path)),
+    )
+    setup = WorkerSetup(
+        job=job,
+        model_path=embedded_model_dir,
+        run_id="r",
+        config_hash="h",
+        plan_fingerprint="p",
+        carry_schema=pa.schema([]),
+        file_metadata={},
+    )
     gen = ShardGenerator(setup, threads=2)
     tok = gen.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                     add_generation_prompt=True) for r in t0_rows[:400]]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for r in t0_rows[:400]
+    ]
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     fitting = sorted((i for i in range(len(ids)) if len(ids[i]) <= MAX_PROMPT_TOKENS), key=lambda i: len(ids[i]))
     chosen = [fitting[int(k)] for k in np.linspace(0, len(fitting) - 1, PROMPTS)]
@@ -49,7 +61,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
         batched.update({r: res for r, res in zip(batch.rows, results)})
     alone = {r: gen.generate_batch([prompts[r]], 0)[0][0] for r in range(PROMPTS)}
 
-    mismatched = [(lengths[r], alone[r].completion, batched[r].completion) for r in range(PROMPTS)
-                  if (alone[r].completion, alone[r].completion_tokens) != (batched[r].completion,
-                                                                          batched[r].completion_tokens)]
+    mismatched = [
+        (lengths[r], alone[r].completion, batched[r].completion)
+        for r in range(PROMPTS)
+        if (alone[r].completion, alone[r].completion_tokens) != (batched[r].completion, batched[r].completion_tokens)
+    ]
     assert mismatched == []

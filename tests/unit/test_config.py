@@ -23,9 +23,7 @@ def compose_job(*overrides: str):
     return to_job_config(cfg)
 
 
-@pytest.mark.parametrize("group,option", [
-    (p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml"))
-])
+@pytest.mark.parametrize("group,option", [(p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml"))])
 def test_every_yaml_in_conf_composes_and_validates(group, option):
     extra = ["dataset.path=prompts.jsonl"] if group == "dataset" and option != "demo" else []
     job = compose_job(f"{group}={option}", *extra)
@@ -53,15 +51,26 @@ def test_misspelled_key_fails_loudly():
 
 def test_one_error_names_every_bad_field_value_and_accepted_values():
     job = compose_job(
-        "generation.temperature=-1", "generation.top_p=1.5", "generation.max_new_tokens=0",
-        "model.quantization=q3", "batching.max_batch_size=0", "generation.num_return_sequences=2",
+        "generation.temperature=-1",
+        "generation.top_p=1.5",
+        "generation.max_new_tokens=0",
+        "model.quantization=q3",
+        "batching.max_batch_size=0",
+        "generation.num_return_sequences=2",
     )
     with pytest.raises(ConfigError) as err:
         validate(job)
     text = str(err.value)
-    for expected in ("generation.temperature=-1", "generation.top_p=1.5", "generation.max_new_tokens=0",
-                     "model.quantization='q3'", "nf4, fp4, int8, none", "batching.max_batch_size=0",
-                     "num_return_sequences=2", "do_sample=true"):
+    for expected in (
+        "generation.temperature=-1",
+        "generation.top_p=1.5",
+        "generation.max_new_tokens=0",
+        "model.quantization='q3'",
+        "nf4, fp4, int8, none",
+        "batching.max_batch_size=0",
+        "num_return_sequences=2",
+        "do_sample=true",
+    ):
         assert expected in text
     assert len(err.value.problems) == 6
 
@@ -82,7 +91,9 @@ def test_config_hash_ignores_where_and_on_which_cluster():
 
 
 def test_importing_config_data_plan_output_pulls_in_no_torch():
-    code = ("import sys; import runner.config, runner.data, runner.plan, runner.output, runner.job; "
-            "print('torch' in sys.modules, 'ray' in sys.modules)")
+    code = (
+        "import sys; import runner.config, runner.data, runner.plan, runner.output, runner.job; "
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"

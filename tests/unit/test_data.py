@@ -77,8 +77,12 @@ def test_duplicate_ids_are_shown(tmp_path):
 
 
 def test_blank_and_non_text_prompts_are_refused_with_their_ids(tmp_path):
-    rows = [{"qid": "a", "question": "fine"}, {"qid": "b", "question": "   "}, {"qid": "c", "question": ""},
-            {"qid": "d", "question": None}]
+    rows = [
+        {"qid": "a", "question": "fine"},
+        {"qid": "b", "question": "   "},
+        {"qid": "c", "question": ""},
+        {"qid": "d", "question": None},
+    ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(ConfigError) as err:
         load_prompts(cfg(path))
@@ -105,8 +109,10 @@ def test_empty_dataset_and_missing_file(tmp_path):
 def test_messages_column_checked_and_rendered_with_chat_template(tmp_path, embedded_model_dir):
     from runner.model import load_tokenizer
 
-    rows = [{"messages": [{"role": "user", "content": "Hi there"}]},
-            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi there"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]},
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     prompts = load_prompts(DatasetConfig(path=str(path), prompt_column=None, messages_column="messages"))
     tokenizer = load_tokenizer(embedded_model_dir)

@@ -13,13 +13,31 @@ from runner import output
 from runner.config import ConfigError
 
 DESIGN_COLUMNS = {
-    "id": pa.string(), "sample_index": pa.int32(), "prompt": pa.string(), "completion": pa.string(),
-    "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "finish_reason": pa.string(),
-    "model": pa.string(), "quantization": pa.string(), "temperature": pa.float64(), "top_p": pa.float64(),
-    "top_k": pa.int32(), "do_sample": pa.bool_(), "max_new_tokens": pa.int32(), "seed": pa.int64(),
-    "generation_config": pa.string(), "run_id": pa.string(), "config_hash": pa.string(),
-    "shard_id": pa.int32(), "batch_id": pa.int32(), "batch_size": pa.int32(), "padded_length": pa.int32(),
-    "worker": pa.string(), "device": pa.string(), "latency_s": pa.float64(),
+    "id": pa.string(),
+    "sample_index": pa.int32(),
+    "prompt": pa.string(),
+    "completion": pa.string(),
+    "prompt_tokens": pa.int32(),
+    "completion_tokens": pa.int32(),
+    "finish_reason": pa.string(),
+    "model": pa.string(),
+    "quantization": pa.string(),
+    "temperature": pa.float64(),
+    "top_p": pa.float64(),
+    "top_k": pa.int32(),
+    "do_sample": pa.bool_(),
+    "max_new_tokens": pa.int32(),
+    "seed": pa.int64(),
+    "generation_config": pa.string(),
+    "run_id": pa.string(),
+    "config_hash": pa.string(),
+    "shard_id": pa.int32(),
+    "batch_id": pa.int32(),
+    "batch_size": pa.int32(),
+    "padded_length": pa.int32(),
+    "worker": pa.string(),
+    "device": pa.string(),
+    "latency_s": pa.float64(),
     "created_at": pa.timestamp("us", tz="UTC"),
 }
 
@@ -36,10 +54,29 @@ def test_schema_has_every_design_column_with_its_type_then_carried_columns():
 def one_row_table(config_hash="h", plan="p") -> pa.Table:
     schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, plan, "run"))
     row = {f.name: None for f in schema}
-    row.update(id="x", sample_index=0, prompt="p", prompt_tokens=1, finish_reason="stop", model="m",
-               quantization="nf4", do_sample=False, max_new_tokens=1, seed=0, generation_config="{}",
-               run_id="run", config_hash=config_hash, shard_id=0, batch_id=0, batch_size=1, padded_length=1,
-               worker="w", device="cpu", latency_s=0.1, created_at=datetime.now(timezone.utc))
+    row.update(
+        id="x",
+        sample_index=0,
+        prompt="p",
+        prompt_tokens=1,
+        finish_reason="stop",
+        model="m",
+        quantization="nf4",
+        do_sample=False,
+        max_new_tokens=1,
+        seed=0,
+        generation_config="{}",
+        run_id="run",
+        config_hash=config_hash,
+        shard_id=0,
+        batch_id=0,
+        batch_size=1,
+        padded_length=1,
+        worker="w",
+        device="cpu",
+        latency_s=0.1,
+        created_at=datetime.now(timezone.utc),
+    )
     return pa.Table.from_pylist([row], schema=schema)
 
 
@@ -75,8 +112,9 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path):
 
 def test_manifest_is_atomic_and_redacts_secrets(tmp_path):
     out = output.open_output_dir(str(tmp_path))
-    output.write_manifest(out, {"config": {"hf_token": "hf_abc", "max_new_tokens": 5,
-                                           "dir": "s3://key:hunter2@bucket/x"}})
+    output.write_manifest(
+        out, {"config": {"hf_token": "hf_abc", "max_new_tokens": 5, "dir": "s3://key:hunter2@bucket/x"}}
+    )
     text = (tmp_path / "manifest.json").read_text()
     assert "hf_abc" not in text and "hunter2" not in text and '"max_new_tokens": 5' in text
     assert output.read_manifest(out)["config"]["dir"] == "s3://***@bucket/x"

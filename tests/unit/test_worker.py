@@ -11,12 +11,21 @@ from runner.worker import ShardGenerator, ShardTask, WorkerSetup, finish, left_p
 
 
 def make_generator(model_dir, out_dir, quantization="none", **gen) -> ShardGenerator:
-    job = JobConfig(dataset=DatasetConfig(path="unused"),
-                    model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template="none"),
-                    generation=GenerationSettings(**{"max_new_tokens": 8, **gen}), output=OutputConfig(dir=str(out_dir)))
-    setup = WorkerSetup(job=job, model_path=model_dir, run_id="run-1", config_hash="hash-1",
-                        plan_fingerprint="plan-1", carry_schema=pa.schema([("topic", pa.string())]),
-                        file_metadata={b"runner.config_hash": b"hash-1"})
+    job = JobConfig(
+        dataset=DatasetConfig(path="unused"),
+        model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template="none"),
+        generation=GenerationSettings(**{"max_new_tokens": 8, **gen}),
+        output=OutputConfig(dir=str(out_dir)),
+    )
+    setup = WorkerSetup(
+        job=job,
+        model_path=model_dir,
+        run_id="run-1",
+        config_hash="hash-1",
+        plan_fingerprint="plan-1",
+        carry_schema=pa.schema([("topic", pa.string())]),
+        file_metadata={b"runner.config_hash": b"hash-1"},
+    )
     return ShardGenerator(setup, index=0, threads=2)
 
 
@@ -39,7 +48,10 @@ def test_finish_reasons_and_token_counts_exclude_padding(tokenizer):
     end_ids = ({eos}, tokenizer.pad_token_id)
     stopped = finish(words + [eos, eos, eos], end_ids, tokenizer, [])
     assert (stopped.completion, stopped.completion_tokens, stopped.finish_reason) == (
-        "Paris is the capital", len(words) + 1, "stop")
+        "Paris is the capital",
+        len(words) + 1,
+        "stop",
+    )
     full = finish(words, end_ids, tokenizer, [])
     assert (full.completion_tokens, full.finish_reason) == (len(words), "length")
     at_string = finish(words, end_ids, tokenizer, [" the"])
@@ -50,8 +62,9 @@ def test_finish_reasons_and_token_counts_exclude_padding(tokenizer):
 
 
 def test_generation_config_is_the_jobs_settings_over_the_models_defaults(tiny_llama_dir, tmp_path):
-    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=5, do_sample=True, temperature=0.5,
-                         top_p=0.8, stop_strings=["\n\n"])
+    gen = make_generator(
+        tiny_llama_dir, tmp_path, max_new_tokens=5, do_sample=True, temperature=0.5, top_p=0.8, stop_strings=["\n\n"]
+    )
     config = gen.generation_config
     assert (config.max_new_tokens, config.do_sample, config.temperature, config.top_p) == (5, True, 0.5, 0.8)
     assert config.pad_token_id == gen.tokenizer.pad_token_id and config.eos_token_id is not None
@@ -64,8 +77,15 @@ def test_run_shard_writes_one_file_with_every_row_and_sample(tiny_llama_dir, tmp
     gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=6, do_sample=True, num_return_sequences=2)
     texts = ["a b c d e f g", "hello", "one two three"]
     input_ids = [gen.tokenizer.encode(t) for t in texts]
-    task = ShardTask(shard_id=3, file_name="part-3.parquet", batches=[(7, 0, 2), (8, 2, 3)], ids=["x", "y", "z"],
-                     prompts=texts, input_ids=input_ids, carry=pa.table({"topic": ["t1", "t2", "t3"]}))
+    task = ShardTask(
+        shard_id=3,
+        file_name="part-3.parquet",
+        batches=[(7, 0, 2), (8, 2, 3)],
+        ids=["x", "y", "z"],
+        prompts=texts,
+        input_ids=input_ids,
+        carry=pa.table({"topic": ["t1", "t2", "t3"]}),
+    )
     events = list(gen.run_shard(task))
     assert [e["event"] for e in events] == ["batch", "batch", "shard"]
     table = pq.read_table(tmp_path / "part-3.parquet")
