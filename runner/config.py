@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+TOO_LONG = ("refuse", "truncate_left")
+ON_ROW_ERROR = ("write", "fail")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CHAT_TEMPLATE_MODES = ("auto", "none")
 EMBEDDED_PREFIX = "embedded:"
@@ -43,6 +45,9 @@ class DatasetConfig:
     limit: int | None = None
     # Hub dataset config name (the second argument of datasets.load_dataset).
     name: str | None = None
+    # A prompt longer than the model's context minus max_new_tokens: `refuse` the job, or
+    # `truncate_left` (keep its end, record the cut in the truncated_tokens column).
+    too_long: str = "refuse"
 
 
 @dataclass
@@ -94,6 +99,8 @@ class OutputConfig:
     dir: str = MISSING
     # Replace results of another config found in `dir` instead of refusing to run.
     overwrite: bool = False
+    # A row that fails even alone (out of memory): `write` it with finish_reason=error, or `fail` the job.
+    on_row_error: str = "write"
 
 
 @dataclass
@@ -147,6 +154,10 @@ def validate(job: JobConfig) -> JobConfig:
     problems += _generation_problems(job.generation)
     problems += _batching_problems(job.batching, job.generation)
     problems += _cluster_problems(job.cluster)
+    if job.output.on_row_error not in ON_ROW_ERROR:
+        problems.append(
+            f"output.on_row_error={job.output.on_row_error!r}: accepted values are {', '.join(ON_ROW_ERROR)}"
+        )
     if not str(job.output.dir).strip():
         problems.append("output.dir='': must name a directory or a URI (file://, s3://, gs://)")
     if problems:
@@ -165,6 +176,8 @@ def _dataset_problems(d: DatasetConfig) -> list[str]:
         )
     if not d.prompt_column and not d.messages_column:
         problems.append("dataset.prompt_column and dataset.messages_column are both null: set one of them")
+    if d.too_long not in TOO_LONG:
+        problems.append(f"dataset.too_long={d.too_long!r}: accepted values are {', '.join(TOO_LONG)}")
     if d.limit is not None and d.limit <= 0:
         problems.append(f"dataset.limit={d.limit}: must be a positive number of rows, or null for all rows")
     return problems

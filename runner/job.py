@@ -29,6 +29,7 @@ class PreparedJob:
     prompts: data.Prompts
     texts: list[str]
     input_ids: list[list[int]]
+    truncated: list[int]
     plan: plan.Plan
     model_path: str
     config_hash: str
@@ -80,7 +81,7 @@ def prepare(job: JobConfig) -> PreparedJob:
     tokenizer = model_lib.load_tokenizer(model_path, job.model)
     texts, add_special = data.render(prompts, tokenizer, job.model.chat_template)
     input_ids = data.tokenize(tokenizer, texts, add_special)
-    check_context(prompts.ids, input_ids, job, model_lib.context_length(model_path, job.model))
+    truncated = fit_context(prompts.ids, input_ids, job, model_lib.context_length(model_path, job.model))
     g, b = job.generation, job.batching
     the_plan = plan.plan_shards(
         prompts.ids,
@@ -91,25 +92,54 @@ def prepare(job: JobConfig) -> PreparedJob:
         b.max_batch_size,
         b.shard_size,
     )
-    return PreparedJob(job, out, prompts, texts, input_ids, the_plan, model_path, config_hash(job), new_run_id())
+    return PreparedJob(
+        job, out, prompts, texts, input_ids, truncated, the_plan, model_path, config_hash(job), new_run_id()
+    )
 
 
-def check_context(ids: list[str], input_ids: list[list[int]], job: JobConfig, context: int | None) -> None:
-    """Refuse prompts that leave no room for max_new_tokens in the model's context window."""
+def fit_context(ids: list[str], input_ids: list[list[int]], job: JobConfig, context: int | None) -> list[int]:
+    """Make every prompt leave room for max_new_tokens in the model's context window.
+
+    Returns:
+        Tokens cut from the left of each prompt (all 0 unless dataset.too_long=truncate_left).
+
+    Raises:
+        ConfigError: prompts too long and dataset.too_long=refuse, or max_new_tokens alone fills the context.
+    """
+    truncated = [0] * len(input_ids)
     if not context:
-        return
+        return truncated
     limit = context - job.generation.max_new_tokens
-    too_long = [(i, len(x)) for i, x in zip(ids, input_ids) if len(x) > limit]
-    if too_long:
-        shown = ", ".join(f"{i!r} ({n} tokens)" for i, n in too_long[:5])
+    if limit < 1:
         raise ConfigError(
             [
-                f"{len(too_long)} prompts are longer than the model's context ({context} tokens) "
-                f"minus generation.max_new_tokens={job.generation.max_new_tokens}: {shown}"
-                f"{', ...' if len(too_long) > 5 else ''}; shorten them or lower max_new_tokens"
+                f"generation.max_new_tokens={job.generation.max_new_tokens}: the model's context is "
+                f"{context} tokens, leaving no room for a prompt; lower it"
+            ]
+        )
+    too_long = [i for i, x in enumerate(input_ids) if len(x) > limit]
+    if too_long and job.dataset.too_long == "refuse":
+        shown = ", ".join(f"{ids[i]!r} ({len(input_ids[i])} tokens)" for i in too_long[:5])
+        shown += ", ..." if len(too_long) > 5 else ""
+        raise ConfigError(
+            [
+                f"{len(too_long)} prompts are longer than the model's context ({context} tokens) minus "
+                f"generation.max_new_tokens={job.generation.max_new_tokens}: {shown}; "
+                "shorten them, lower max_new_tokens, or set dataset.too_long=truncate_left to keep their ends"
             ],
             title=f"bad input in {job.dataset.path}",
         )
+    for i in too_long:
+        truncated[i] = len(input_ids[i]) - limit
+        input_ids[i] = input_ids[i][-limit:]
+    if too_long:
+        log.warning(
+            "%d prompts were cut from the left to fit the context (%d tokens); the truncated_tokens "
+            "column says by how much",
+            len(too_long),
+            context,
+        )
+    return truncated
 
 
 def shard_tasks(prep: PreparedJob, done: set[str]):
@@ -135,6 +165,7 @@ def shard_tasks(prep: PreparedJob, done: set[str]):
                 ids=[prep.prompts.ids[r] for r in rows],
                 prompts=[prep.texts[r] for r in rows],
                 input_ids=[prep.input_ids[r] for r in rows],
+                truncated=[prep.truncated[r] for r in rows],
                 carry=prep.prompts.carry.take(pa.array(rows, pa.int64())),
             )
         )

@@ -36,6 +36,7 @@ BASE_FIELDS = [
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("completion", pa.string()),
     pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("truncated_tokens", pa.int32(), nullable=False),
     pa.field("completion_tokens", pa.int32()),
     pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("error", pa.string()),
@@ -188,6 +189,7 @@ def check_existing(out: OutputDir, config_hash: str, plan_fingerprint: str, over
     Raises:
         ConfigError: the directory holds another config's (or another input's) results.
     """
+    _remove_stale_temporaries(out)
     files = list_data_files(out)
     if overwrite:
         for info in files:
@@ -213,6 +215,17 @@ def check_existing(out: OutputDir, config_hash: str, plan_fingerprint: str, over
         with out.fs.open_input_file(info.path) as f:
             rows += pq.ParquetFile(f).metadata.num_rows
     return ResumeState(done, rows)
+
+
+def _remove_stale_temporaries(out: OutputDir) -> None:
+    """Drop half-written files of a run that died; one run at a time owns an output directory."""
+    try:
+        infos = out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True))
+    except (OSError, pa.ArrowException):
+        return
+    for info in infos:
+        if info.is_file and info.base_name.startswith(".") and ".tmp-" in info.base_name:
+            out.fs.delete_file(info.path)
 
 
 def _delete_if_exists(out: OutputDir, path: str) -> None:

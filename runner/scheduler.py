@@ -9,6 +9,7 @@ renamed into place, a retried shard can never be written twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,62 +76,105 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
 
 
 class ShardScheduler:
-    """Runs shard tasks on a pool of actors; calls `on_event` with each progress event."""
+    """Runs shard tasks on a pool of actors; calls `on_event` with each progress event.
 
-    def __init__(self, setup: WorkerSetup, workers: WorkerPlan, on_event: Callable[[dict[str, Any]], None]):
+    A worker that dies (process killed, node lost) gives its shard back to the
+    queue and a replacement is asked for. The replacement joins only once its
+    model is loaded, so when the cluster has shrunk (a node is gone) the shard
+    simply goes to a surviving worker.
+    """
+
+    def __init__(
+        self,
+        setup: WorkerSetup,
+        workers: WorkerPlan,
+        on_event: Callable[[dict[str, Any]], None],
+        start_timeout_s: float = 900.0,
+    ):
         import ray
 
         self._ray = ray
         self.setup = setup
         self.workers = workers
         self.on_event = on_event
+        self.start_timeout_s = start_timeout_s
         self.actor_class = ray.remote(ShardGenerator)
         self.next_index = 0
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor still loading its model
+        self.idle: list[Any] = []
+        self.running: dict[Any, tuple[Any, ShardTask]] = {}  # stream -> (actor, task)
+        self.start_failures: list[str] = []
 
-    def _start_actor(self) -> Any:
+    def _spawn(self) -> None:
         index = self.next_index
         self.next_index += 1
-        return self.actor_class.options(**self.workers.options, max_restarts=0).remote(
+        actor = self.actor_class.options(**self.workers.options, max_restarts=0).remote(
             self.setup, index, self.workers.threads
         )
+        self.starting[actor.ready.remote()] = actor
 
     def run(self, tasks: list[ShardTask]) -> None:
         """Run every task to completion (tasks come in the order they should start)."""
         ray = self._ray
         pending = deque(tasks)
         attempts = {t.shard_id: 0 for t in tasks}
-        idle = [self._start_actor() for _ in range(self.workers.count)]
-        running: dict[Any, tuple[Any, ShardTask]] = {}
-        failures: list[str] = []
-        while pending or running:
-            while idle and pending:
-                actor, task = idle.pop(), pending.popleft()
-                attempts[task.shard_id] += 1
-                running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for stream in ready:
-                actor, task = running[stream]
-                try:
-                    self.on_event(ray.get(next(stream)))
-                except StopIteration:
-                    del running[stream]
-                    idle.append(actor)
-                except ray.exceptions.RayActorError as e:
-                    del running[stream]
-                    if "creation task" in str(e):  # the model failed to load: retrying will not help
-                        raise RuntimeError(f"a worker could not start:\n{e}") from e
-                    failures.append(f"shard {task.shard_id}: {_short(e)}")
-                    if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
-                        raise RuntimeError(
-                            f"shard {task.shard_id} failed {MAX_SHARD_ATTEMPTS} times; last "
-                            f"errors:\n" + "\n".join(failures[-MAX_SHARD_ATTEMPTS:])
-                        ) from e
-                    log.warning("worker died on shard %s (%s); retrying it on a new worker", task.shard_id, _short(e))
-                    self.on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
-                    pending.appendleft(task)
-                    idle.append(self._start_actor())
-        for actor in idle:
-            ray.kill(actor)
+        for _ in range(self.workers.count):
+            self._spawn()
+        no_worker_since = time.time()
+        try:
+            while pending or self.running:
+                while self.idle and pending:
+                    actor, task = self.idle.pop(), pending.popleft()
+                    attempts[task.shard_id] += 1
+                    self.running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
+                if self.idle or self.running:
+                    no_worker_since = time.time()
+                elif time.time() - no_worker_since > self.start_timeout_s:
+                    raise RuntimeError(
+                        f"no worker has been able to start for {self.start_timeout_s:.0f}s: the cluster has no free "
+                        f"{self.workers.options} for one; failures so far: {self.start_failures[-3:]}"
+                    )
+                ready, _ = ray.wait(list(self.running) + list(self.starting), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    if ref in self.starting:
+                        self._on_started(ref)
+                    else:
+                        self._on_stream(ref, pending, attempts)
+        finally:
+            for actor in self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
+                ray.kill(actor)
+
+    def _on_started(self, ref: Any) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            self._ray.get(ref)
+        except self._ray.exceptions.RayActorError as e:
+            self.start_failures.append(_short(e))
+            if "creation task" in str(e):  # the model failed to load: another try will not help
+                raise RuntimeError(f"a worker could not start:\n{e}") from e
+            log.warning("a worker died while starting (%s); starting another", _short(e))
+            self._spawn()
+            return
+        self.idle.append(actor)
+
+    def _on_stream(self, stream: Any, pending: deque, attempts: dict[int, int]) -> None:
+        ray = self._ray
+        actor, task = self.running[stream]
+        try:
+            self.on_event(ray.get(next(stream)))
+        except StopIteration:
+            del self.running[stream]
+            self.idle.append(actor)
+        except ray.exceptions.RayActorError as e:
+            del self.running[stream]
+            if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
+                raise RuntimeError(
+                    f"shard {task.shard_id} lost its worker {MAX_SHARD_ATTEMPTS} times; last: {e}"
+                ) from e
+            log.warning("worker died on shard %s (%s); the shard goes back on the queue", task.shard_id, _short(e))
+            self.on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
+            pending.appendleft(task)
+            self._spawn()
 
 
 def _short(e: BaseException) -> str:

@@ -50,13 +50,19 @@ class ShardTask:
     prompts: list[str]
     input_ids: list[list[int]]
     carry: pa.Table
+    truncated: list[int] | None = None  # prompt tokens cut from the left, per row
 
 
 @dataclass
 class SequenceResult:
-    completion: str
-    completion_tokens: int
-    finish_reason: str
+    completion: str | None
+    completion_tokens: int | None
+    finish_reason: str  # stop, length, or error
+    error: str | None = None
+
+
+class RowFailedError(RuntimeError):
+    """A row could not be generated even alone, and the job is set to fail on that."""
 
 
 @dataclass
@@ -69,6 +75,7 @@ class BatchStats:
     generated_steps: int  # sequences x decode steps the batch ran (generation-side cost)
     padded_length: int
     latency_s: float
+    oom_splits: int = 0  # times this batch's rows were split after running out of memory
 
 
 def worker_name(index: int) -> str:
@@ -110,6 +117,8 @@ class ShardGenerator:
         self.out = output.open_output_dir(setup.job.output.dir)
         self.schema = output.output_schema(setup.carry_schema, setup.file_metadata)
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
+        # Learned after an out-of-memory error: batches costing more are split before they run.
+        self.token_limit: int | None = None
 
     def ready(self) -> dict[str, str]:
         return {"worker": self.name, "device": self.device}
@@ -118,21 +127,21 @@ class ShardGenerator:
         """Generate every batch of `task`, write its file, and report progress as it goes."""
         columns: dict[str, list[Any]] = {f.name: [] for f in output.BASE_FIELDS}
         carry_rows: list[int] = []
+        per_row = self.setup.job.generation.num_return_sequences
         for batch_id, start, end in task.batches:
-            results, stats = self.generate_batch(task.input_ids[start:end], batch_id)
-            created = datetime.now(timezone.utc)
-            per_row = self.setup.job.generation.num_return_sequences
-            for i, result in enumerate(results):
-                row = start + i // per_row
-                carry_rows.append(row)
-                self._append_row(columns, task, row, i % per_row, result, batch_id, end - start, stats, created)
-            yield {
-                "event": "batch",
-                "worker": self.name,
-                "shard_id": task.shard_id,
-                "batch_id": batch_id,
-                **stats.__dict__,
-            }
+            for offset, results, stats in self.generate_with_backoff(task.input_ids[start:end], batch_id):
+                created = datetime.now(timezone.utc)
+                for i, result in enumerate(results):
+                    row = start + offset + i // per_row
+                    carry_rows.append(row)
+                    self._append_row(columns, task, row, i % per_row, result, batch_id, stats, created)
+                yield {
+                    "event": "batch",
+                    "worker": self.name,
+                    "shard_id": task.shard_id,
+                    "batch_id": batch_id,
+                    **stats.__dict__,
+                }
         table = self._table(columns, task.carry.take(pa.array(carry_rows, pa.int64())))
         output.write_shard(self.out, task.file_name, table)
         yield {
@@ -143,19 +152,20 @@ class ShardGenerator:
             "rows": table.num_rows,
         }
 
-    def _append_row(self, columns, task, row, sample, result, batch_id, batch_size, stats, created) -> None:
+    def _append_row(self, columns, task, row, sample, result, batch_id, stats, created) -> None:
         values = {
             "id": task.ids[row],
             "sample_index": sample,
             "prompt": task.prompts[row],
             "completion": result.completion,
             "prompt_tokens": len(task.input_ids[row]),
+            "truncated_tokens": task.truncated[row] if task.truncated else 0,
             "completion_tokens": result.completion_tokens,
             "finish_reason": result.finish_reason,
-            "error": None,
+            "error": result.error,
             "shard_id": task.shard_id,
             "batch_id": batch_id,
-            "batch_size": batch_size,
+            "batch_size": stats.rows,
             "padded_length": stats.padded_length,
             "latency_s": stats.latency_s,
             "created_at": created,
@@ -163,6 +173,67 @@ class ShardGenerator:
         }
         for name, column in columns.items():
             column.append(values[name])
+
+    def batch_cost(self, input_ids: list[list[int]]) -> int:
+        gen = self.setup.job.generation
+        return len(input_ids) * gen.num_return_sequences * (max(map(len, input_ids)) + gen.max_new_tokens)
+
+    def generate_with_backoff(self, input_ids: list[list[int]], batch_id: int):
+        """Generate a batch; on out-of-memory split it in half and retry, down to one row.
+
+        Yields (offset of the chunk's first row, results, stats) chunk by chunk. The
+        budget learned from an out-of-memory error holds for the rest of the job.
+
+        Raises:
+            RowFailedError: a single row ran out of memory and `output.on_row_error` is `fail`.
+        """
+        queue = self._split_to_limit(0, len(input_ids), input_ids)
+        splits = 0
+        while queue:
+            start, end = queue.pop(0)
+            chunk = input_ids[start:end]
+            if self.token_limit and end - start > 1 and self.batch_cost(chunk) > self.token_limit:
+                queue[0:0] = self._split_to_limit(start, end, input_ids)
+                continue
+            try:
+                results, stats = self.generate_batch(chunk, batch_id)
+            except out_of_memory_errors() as e:
+                free_device_memory()
+                cost = self.batch_cost(chunk)
+                self.token_limit = max(1, min(self.token_limit or cost, cost // 2))
+                splits += 1
+                if end - start > 1:
+                    mid = (start + end) // 2
+                    queue[0:0] = [(start, mid), (mid, end)]
+                    continue
+                message = f"out of memory even alone ({len(chunk[0])} prompt tokens): {str(e).splitlines()[0][:200]}"
+                if self.setup.job.output.on_row_error == "fail":
+                    raise RowFailedError(message) from e
+                results, stats = self.failed_row(chunk[0], message)
+            stats.oom_splits = splits
+            splits = 0
+            yield start, results, stats
+
+    def _split_to_limit(self, start: int, end: int, input_ids: list[list[int]]) -> list[tuple[int, int]]:
+        if self.token_limit is None or end - start == 1 or self.batch_cost(input_ids[start:end]) <= self.token_limit:
+            return [(start, end)]
+        mid = (start + end) // 2
+        return self._split_to_limit(start, mid, input_ids) + self._split_to_limit(mid, end, input_ids)
+
+    def failed_row(self, prompt: list[int], message: str) -> tuple[list[SequenceResult], BatchStats]:
+        samples = self.setup.job.generation.num_return_sequences
+        results = [SequenceResult(None, None, "error", message) for _ in range(samples)]
+        stats = BatchStats(
+            rows=1,
+            sequences=samples,
+            prompt_tokens=len(prompt),
+            padded_prompt_tokens=len(prompt),
+            completion_tokens=0,
+            generated_steps=0,
+            padded_length=len(prompt),
+            latency_s=0.0,
+        )
+        return results, stats
 
     def _table(self, columns: dict[str, list[Any]], carry: pa.Table) -> pa.Table:
         arrays = [pa.array(columns[f.name], type=f.type) for f in output.BASE_FIELDS]
@@ -199,6 +270,23 @@ class ShardGenerator:
             latency_s=time.perf_counter() - started,
         )
         return results, stats
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this batch does not fit": torch's OutOfMemoryError (CUDA, MPS, XPU)."""
+    import torch
+
+    return (torch.OutOfMemoryError,)
+
+
+def free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

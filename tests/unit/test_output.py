@@ -57,6 +57,7 @@ def one_row_table(config_hash="h", plan="p") -> pa.Table:
     row.update(
         id="x",
         sample_index=0,
+        truncated_tokens=0,
         prompt="p",
         prompt_tokens=1,
         finish_reason="stop",

@@ -105,3 +105,64 @@ def test_sampling_with_a_seed_is_reproducible(tiny_llama_dir, tmp_path):
     first = [r.completion for r in gen.generate_batch(ids, batch_id=1)[0]]
     again = [r.completion for r in gen.generate_batch(ids, batch_id=1)[0]]
     assert first == again
+
+
+class OutOfMemoryAbove:
+    """Wraps model.generate: raises torch's real OutOfMemoryError for batches larger than `max_rows`."""
+
+    def __init__(self, generate, max_rows: int):
+        self.generate, self.max_rows, self.sizes, self.failed = generate, max_rows, [], []
+
+    def __call__(self, input_ids, **kwargs):
+        import torch
+
+        rows = input_ids.shape[0]
+        self.sizes.append(rows)
+        if rows > self.max_rows:
+            self.failed.append(rows)
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {rows} rows")
+        return self.generate(input_ids=input_ids, **kwargs)
+
+
+def oom_task(gen, n: int) -> ShardTask:
+    texts = [f"prompt number {i} " + "word " * (n - i) for i in range(n)]
+    return ShardTask(
+        shard_id=0,
+        file_name="part-0.parquet",
+        batches=[(0, 0, n // 2), (1, n // 2, n)],
+        ids=[str(i) for i in range(n)],
+        prompts=texts,
+        input_ids=[gen.tokenizer.encode(t) for t in texts],
+        carry=pa.table({"topic": ["t"] * n}),
+    )
+
+
+def test_out_of_memory_splits_the_batch_and_the_budget_adapts(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=4)
+    fake = OutOfMemoryAbove(gen.model.generate, max_rows=2)
+    gen.model.generate = fake
+    events = [e for e in gen.run_shard(oom_task(gen, 16)) if e["event"] == "batch"]
+    rows = pq.read_table(tmp_path / "part-0.parquet").to_pylist()
+    assert sorted(int(r["id"]) for r in rows) == list(range(16))  # nothing lost, nothing twice
+    assert all(r["finish_reason"] in ("stop", "length") and r["batch_size"] <= 2 for r in rows)
+    # the first batch of 8 failed at 8 and 4 rows; after that the learned budget splits before trying
+    assert fake.failed == [8, 4]
+    assert max(fake.sizes[len(fake.failed) + 4 :]) <= 2 and gen.token_limit is not None
+    assert sum(e["oom_splits"] for e in events) == 2
+
+
+def test_a_row_that_fails_alone_is_written_as_an_error_or_fails_the_job(tiny_llama_dir, tmp_path):
+    from runner.worker import RowFailedError
+
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=4)
+    gen.model.generate = OutOfMemoryAbove(gen.model.generate, max_rows=0)
+    list(gen.run_shard(oom_task(gen, 4)))
+    rows = pq.read_table(tmp_path / "part-0.parquet").to_pylist()
+    assert len(rows) == 4 and {r["finish_reason"] for r in rows} == {"error"}
+    assert all("out of memory even alone" in r["error"] and r["completion"] is None for r in rows)
+
+    strict = make_generator(tiny_llama_dir, tmp_path / "strict", max_new_tokens=4)
+    strict.setup.job.output.on_row_error = "fail"
+    strict.model.generate = OutOfMemoryAbove(strict.model.generate, max_rows=0)
+    with pytest.raises(RowFailedError, match="out of memory even alone"):
+        list(strict.run_shard(oom_task(strict, 4)))
