@@ -7,16 +7,22 @@
 #   cluster/local.sh down      stop both nodes
 #   cluster/local.sh kill-worker   SIGKILL the worker node's raylet (simulates losing that machine)
 #
-# Then: python jobs/generate.py cluster.address=127.0.0.1:6390 cluster.cpus_per_worker=1 ...
-# Environment: RAY_PORT (6390), RAY_DASHBOARD_PORT (8265), HEAD_CPUS (1), WORKER_CPUS (1), RAY (the ray CLI).
+# Then, with the token authentication the cluster uses:
+#   export RAY_AUTH_MODE=token
+#   python jobs/generate.py cluster.address=127.0.0.1:6390 cluster.cpus_per_worker=1 ...
+# Every server of both nodes listens on 127.0.0.1 only (see runner/raynet.py for why this needs
+# `python -m runner.raynet` rather than the plain `ray` command).
+# Environment: RAY_PORT (6390), RAY_DASHBOARD_PORT (8265), HEAD_CPUS (1), WORKER_CPUS (1), PYTHON.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-RAY="${RAY:-$here/../.venv/bin/ray}"
+PYTHON="${PYTHON:-$here/../.venv/bin/python}"
+ray_cli() { (cd "$here/.." && "$PYTHON" -m runner.raynet "$@"); }
 PORT="${RAY_PORT:-6390}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 HEAD_CPUS="${HEAD_CPUS:-1}"
 WORKER_CPUS="${WORKER_CPUS:-1}"
 export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=token
 
 worker_raylet_pids() {
   # The worker node's raylet is the one started with the `worker_node` custom resource.
@@ -25,18 +31,23 @@ worker_raylet_pids() {
 
 case "${1:-}" in
   up)
-    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
+    [ -s "$HOME/.ray/auth_token" ] || ray_cli get-auth-token --generate >/dev/null
+    ray_cli start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
       --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources='{"head_node": 1}' --disable-usage-stats >/dev/null
-    "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+    ray_cli start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
       --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources='{"worker_node": 1}' --disable-usage-stats >/dev/null
+    for _ in $(seq 60); do
+      [ "$(ray_cli status --address="127.0.0.1:$PORT" 2>/dev/null | grep -c '^ 1 node_')" -ge 2 ] && break
+      sleep 1
+    done
     echo "two-node Ray cluster up: address 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT"
     ;;
   status)
-    "$RAY" status --address="127.0.0.1:$PORT"
+    ray_cli status --address="127.0.0.1:$PORT"
     ;;
   down)
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    ray_cli stop --force >/dev/null 2>&1 || true
     echo "Ray stopped"
     ;;
   kill-worker)
@@ -46,7 +57,7 @@ case "${1:-}" in
     echo "killed the worker node's raylet ($pids)"
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.config import ClusterConfig, ConfigError
+from runner.raynet import keep_loopback_addresses
 from runner.worker import ShardGenerator, ShardTask, WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,12 @@ def connect(cluster: ClusterConfig) -> bool:
         "log_to_driver": True,
         "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     }
-    if cluster.address:
-        ray.init(address=cluster.address, **common)
-    else:
-        ray.init(
-            address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False, **common
-        )
+    with keep_loopback_addresses():
+        if cluster.address:
+            ray.init(address=cluster.address, **common)
+        else:
+            # A private cluster for this job: every server on 127.0.0.1, dashboard included.
+            ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **common)
     return True
 
 

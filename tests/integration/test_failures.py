@@ -5,59 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
-import pytest
 
-from runner.verify import verify_run
-from tests.conftest import REPO, write_jsonl
-
-ROWS = 24
-
-
-@pytest.fixture(scope="module")
-def prompts(t0_rows, tmp_path_factory) -> Path:
-    short = [r for r in t0_rows if len(r["prompt"]) < 500][:ROWS]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "t0_short.jsonl", short)
-
-
-def job_args(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "jobs/generate.py",
-        f"dataset.path={prompts}",
-        "dataset.id_column=id",
-        "generation.max_new_tokens=8",
-        "batching.shard_size=3",
-        "batching.max_batch_size=3",
-        f"output.dir={out}",
-        *extra,
-    ]
-
-
-def wait_for_files(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while len(list(out.glob("*.parquet"))) < count:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the job made no progress"
-        time.sleep(0.2)
-
-
-def assert_complete(out: Path, ids: set[str]) -> None:
-    verdict = verify_run(str(out))
-    assert verdict.ok, verdict.problems
-    got = [i for f in sorted(out.glob("*.parquet")) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
-    assert sorted(got) == sorted(ids)
-
-
-def expected_ids(prompts: Path) -> set[str]:
-    import json
-
-    return {json.loads(line)["id"] for line in prompts.read_text().splitlines()}
+from tests.conftest import REPO
+from tests.integration.jobs import ROWS, assert_complete, expected_ids, job_args, wait_for_files
 
 
 def test_driver_killed_mid_run_then_the_same_command_finishes_the_job(prompts, tmp_path):

@@ -1,0 +1,48 @@
+"""Helpers for integration tests that run real jobs as a user would (a subprocess per job)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from runner.verify import verify_run
+
+ROWS = 24
+
+
+def job_args(prompts: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "jobs/generate.py",
+        f"dataset.path={prompts}",
+        "dataset.id_column=id",
+        "generation.max_new_tokens=8",
+        "batching.shard_size=3",
+        "batching.max_batch_size=3",
+        f"output.dir={out}",
+        *extra,
+    ]
+
+
+def wait_for_files(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list(out.glob("*.parquet"))) < count:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the job made no progress"
+        time.sleep(0.2)
+
+
+def assert_complete(out: Path, ids: set[str]) -> None:
+    verdict = verify_run(str(out))
+    assert verdict.ok, verdict.problems
+    got = [i for f in sorted(out.glob("*.parquet")) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+    assert sorted(got) == sorted(ids)
+
+
+def expected_ids(prompts: Path) -> set[str]:
+    return {json.loads(line)["id"] for line in prompts.read_text().splitlines()}

@@ -1,0 +1,92 @@
+"""A real two-node Ray cluster on loopback (cluster/local.sh): both nodes work, losing one loses nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.jobs import assert_complete, expected_ids, job_args, wait_for_files
+
+PORT = "6391"
+ENV = {**os.environ, "RAY_PORT": PORT, "RAY_DASHBOARD_PORT": "8266", "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
+
+
+def local_cluster(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "cluster/local.sh", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture()
+def two_nodes():
+    local_cluster("down")
+    up = local_cluster("up")
+    assert up.returncode == 0, up.stderr[-2000:]
+    status = local_cluster("status").stdout
+    assert status.count(" 1 node_") == 2, status
+    yield f"127.0.0.1:{PORT}"
+    local_cluster("down")
+
+
+def workers_in(out) -> set[str]:
+    return {w for f in out.glob("*.parquet") for w in pq.read_table(f, columns=["worker"]).column("worker").to_pylist()}
+
+
+def test_both_nodes_generate_rows(two_nodes, prompts, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete(out, expected_ids(prompts))
+    nodes = {w.split(":")[1].split("/")[0] for w in workers_in(out)}
+    assert len(nodes) == 2, workers_in(out)
+
+
+def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_files(out, 2, proc)
+    killed = local_cluster("kill-worker")
+    assert killed.returncode == 0, killed.stderr
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "goes back on the queue" in stdout + stderr
+    assert_complete(out, expected_ids(prompts))
+    assert "1 node_" in local_cluster("status").stdout  # the head is still there, alone
+
+
+def test_a_local_run_listens_on_loopback_only():
+    code = """
+import json, os, psutil
+from runner.config import ClusterConfig
+from runner.scheduler import connect
+connect(ClusterConfig())
+me = psutil.Process(os.getpid())
+pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN and c.pid in pids})))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    addresses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
