@@ -10,6 +10,20 @@ from runner.config import ConfigError, to_job_config
 
 log = logging.getLogger("runner")
 EXAMPLES = 3
+_session = None  # one per process: a Hydra sweep reuses Ray, the workers and the tokenized input
+
+
+def process_session():
+    """The session shared by every job this process runs; closed when the process exits."""
+    global _session
+    if _session is None:
+        import atexit
+
+        from runner.session import Session
+
+        _session = Session()
+        atexit.register(_session.close)
+    return _session
 
 
 def generate(cfg: Any) -> int:
@@ -22,7 +36,7 @@ def generate(cfg: Any) -> int:
 
     try:
         job = to_job_config(cfg)
-        summary = run_job(job)
+        summary = run_job(job, session=process_session())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from runner import __version__, data, output, plan
 from runner.config import ConfigError, JobConfig, as_dict, config_hash, validate
 from runner.progress import ProgressBar, RunTotals
+from runner.session import Session, TokenizedInput
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def prepare(job: JobConfig) -> PreparedJob:
+def prepare(job: JobConfig, session: Session | None = None) -> PreparedJob:
     """Validate, load and tokenize the input, and plan; no model weights are loaded.
 
     Raises:
@@ -75,16 +76,22 @@ def prepare(job: JobConfig) -> PreparedJob:
 
     validate(job)
     out = output.open_output_dir(job.output.dir)
-    prompts = data.load_prompts(job.dataset, reserved_columns=set(output.BASE_COLUMNS))
+    tokenized = session.cached_input(job) if session else None
+    if tokenized is None:
+        prompts = data.load_prompts(job.dataset, reserved_columns=set(output.BASE_COLUMNS))
     output.ensure_writable(out)
     model_path = model_lib.resolve_model_path(job.model.name_or_path)
-    tokenizer = model_lib.load_tokenizer(model_path, job.model)
-    texts, add_special = data.render(prompts, tokenizer, job.model.chat_template)
-    input_ids = data.tokenize(tokenizer, texts, add_special)
-    truncated = fit_context(prompts.ids, input_ids, job, model_lib.context_length(model_path, job.model))
+    if tokenized is None:
+        tokenizer = model_lib.load_tokenizer(model_path, job.model)
+        texts, add_special = data.render(prompts, tokenizer, job.model.chat_template)
+        tokenized = TokenizedInput(prompts, texts, data.tokenize(tokenizer, texts, add_special))
+        if session:
+            session.keep_input(job, tokenized)
+    input_ids = list(tokenized.input_ids)  # fit_context replaces the rows it cuts, never the cached ones
+    truncated = fit_context(tokenized.prompts.ids, input_ids, job, model_lib.context_length(model_path, job.model))
     g, b = job.generation, job.batching
     the_plan = plan.plan_shards(
-        prompts.ids,
+        tokenized.prompts.ids,
         [len(x) for x in input_ids],
         g.max_new_tokens,
         g.num_return_sequences,
@@ -93,7 +100,16 @@ def prepare(job: JobConfig) -> PreparedJob:
         b.shard_size,
     )
     return PreparedJob(
-        job, out, prompts, texts, input_ids, truncated, the_plan, model_path, config_hash(job), new_run_id()
+        job,
+        out,
+        tokenized.prompts,
+        tokenized.texts,
+        input_ids,
+        truncated,
+        the_plan,
+        model_path,
+        config_hash(job),
+        new_run_id(),
     )
 
 
@@ -172,40 +188,47 @@ def shard_tasks(prep: PreparedJob, done: set[str]):
     return tasks
 
 
-def run_job(job: JobConfig, progress: bool | None = None) -> RunSummary:
-    """Run the job; resume from committed shards in output.dir. Returns the summary."""
-    from runner import scheduler
+def run_job(job: JobConfig, progress: bool | None = None, session: Session | None = None) -> RunSummary:
+    """Run the job; resume from committed shards in output.dir. Returns the summary.
+
+    Args:
+        job: the validated-or-not job config.
+        progress: show a progress bar (default: when stderr is a terminal).
+        session: keep Ray, the loaded workers and the tokenized input for the next job
+            (a sweep); without one, everything is started for this job and stopped after it.
+    """
     from runner.worker import WorkerSetup
 
-    prep = prepare(job)
-    state = output.check_existing(prep.out, prep.config_hash, prep.plan.fingerprint, job.output.overwrite)
-    tasks = shard_tasks(prep, state.done)
-    samples = job.generation.num_return_sequences
-    bar = ProgressBar(prep.plan.num_rows, already_done=state.rows // samples, enabled=progress)
-    if state.done:
-        log.warning(
-            "resuming: %d of %d shards already committed in %s", len(state.done), len(prep.plan.shards), prep.out.uri
-        )
-    if tasks:
-        setup = WorkerSetup(
-            job=job,
-            model_path=prep.model_path,
-            run_id=prep.run_id,
-            config_hash=prep.config_hash,
-            plan_fingerprint=prep.plan.fingerprint,
-            carry_schema=prep.prompts.carry.schema,
-            file_metadata=output.file_metadata(as_dict(job), prep.config_hash, prep.plan.fingerprint, prep.run_id),
-        )
-        started_ray = scheduler.connect(job.cluster)
-        try:
-            workers = scheduler.plan_workers(job.cluster, len(tasks))
-            scheduler.ShardScheduler(setup, workers, bar).run(tasks)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-    totals = bar.close()
+    own_session = session is None
+    session = session or Session()
+    try:
+        prep = prepare(job, session)
+        state = output.check_existing(prep.out, prep.config_hash, prep.plan.fingerprint, job.output.overwrite)
+        tasks = shard_tasks(prep, state.done)
+        samples = job.generation.num_return_sequences
+        bar = ProgressBar(prep.plan.num_rows, already_done=state.rows // samples, enabled=progress)
+        if state.done:
+            log.warning(
+                "resuming: %d of %d shards already committed in %s",
+                len(state.done),
+                len(prep.plan.shards),
+                prep.out.display,
+            )
+        if tasks:
+            setup = WorkerSetup(
+                job=job,
+                model_path=prep.model_path,
+                run_id=prep.run_id,
+                config_hash=prep.config_hash,
+                plan_fingerprint=prep.plan.fingerprint,
+                carry_schema=prep.prompts.carry.schema,
+                file_metadata=output.file_metadata(as_dict(job), prep.config_hash, prep.plan.fingerprint, prep.run_id),
+            )
+            session.workers(job, setup, len(tasks)).run(setup, tasks, bar)
+        totals = bar.close()
+    finally:
+        if own_session:
+            session.close()
     manifest_path = commit_manifest(prep, totals)
     return RunSummary(
         output_dir=prep.out.display,

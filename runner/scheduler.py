@@ -76,35 +76,32 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
     return WorkerPlan(max(1, min(count, num_shards)), options, threads)
 
 
-class ShardScheduler:
-    """Runs shard tasks on a pool of actors; calls `on_event` with each progress event.
+class WorkerPool:
+    """Actors holding one model; runs the shard tasks of one job after another.
 
     A worker that dies (process killed, node lost) gives its shard back to the
     queue and a replacement is asked for. The replacement joins only once its
     model is loaded, so when the cluster has shrunk (a node is gone) the shard
-    simply goes to a surviving worker.
+    simply goes to a surviving worker. Between jobs (the points of a sweep) the
+    actors keep their model and only take the new settings.
     """
 
-    def __init__(
-        self,
-        setup: WorkerSetup,
-        workers: WorkerPlan,
-        on_event: Callable[[dict[str, Any]], None],
-        start_timeout_s: float = 900.0,
-    ):
+    def __init__(self, setup: WorkerSetup, workers: WorkerPlan, start_timeout_s: float = 900.0):
         import ray
 
         self._ray = ray
         self.setup = setup
         self.workers = workers
-        self.on_event = on_event
         self.start_timeout_s = start_timeout_s
         self.actor_class = ray.remote(ShardGenerator)
         self.next_index = 0
         self.starting: dict[Any, Any] = {}  # ready() ref -> actor still loading its model
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, ShardTask]] = {}  # stream -> (actor, task)
+        self.configured: dict[int, WorkerSetup] = {}  # id(actor) -> the setup it holds
         self.start_failures: list[str] = []
+        for _ in range(workers.count):
+            self._spawn()
 
     def _spawn(self) -> None:
         index = self.next_index
@@ -112,38 +109,42 @@ class ShardScheduler:
         actor = self.actor_class.options(**self.workers.options, max_restarts=0).remote(
             self.setup, index, self.workers.threads
         )
+        self.configured[id(actor)] = self.setup
         self.starting[actor.ready.remote()] = actor
 
-    def run(self, tasks: list[ShardTask]) -> None:
-        """Run every task to completion (tasks come in the order they should start)."""
+    def run(self, setup: WorkerSetup, tasks: list[ShardTask], on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Run every task of one job to completion (tasks come in the order they should start)."""
         ray = self._ray
+        self.setup = setup
         pending = deque(tasks)
         attempts = {t.shard_id: 0 for t in tasks}
-        for _ in range(self.workers.count):
-            self._spawn()
         no_worker_since = time.time()
-        try:
-            while pending or self.running:
-                while self.idle and pending:
-                    actor, task = self.idle.pop(), pending.popleft()
-                    attempts[task.shard_id] += 1
-                    self.running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
-                if self.idle or self.running:
-                    no_worker_since = time.time()
-                elif time.time() - no_worker_since > self.start_timeout_s:
-                    raise RuntimeError(
-                        f"no worker has been able to start for {self.start_timeout_s:.0f}s: the cluster has no free "
-                        f"{self.workers.options} for one; failures so far: {self.start_failures[-3:]}"
-                    )
-                ready, _ = ray.wait(list(self.running) + list(self.starting), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    if ref in self.starting:
-                        self._on_started(ref)
-                    else:
-                        self._on_stream(ref, pending, attempts)
-        finally:
-            for actor in self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
-                ray.kill(actor)
+        while pending or self.running:
+            while self.idle and pending:
+                actor, task = self.idle.pop(), pending.popleft()
+                if self.configured[id(actor)] is not setup:  # calls on one actor run in order
+                    actor.configure.remote(setup)
+                    self.configured[id(actor)] = setup
+                attempts[task.shard_id] += 1
+                self.running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
+            if self.idle or self.running:
+                no_worker_since = time.time()
+            elif time.time() - no_worker_since > self.start_timeout_s:
+                raise RuntimeError(
+                    f"no worker has been able to start for {self.start_timeout_s:.0f}s: the cluster has no free "
+                    f"{self.workers.options} for one; failures so far: {self.start_failures[-3:]}"
+                )
+            ready, _ = ray.wait(list(self.running) + list(self.starting), num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.starting:
+                    self._on_started(ref)
+                else:
+                    self._on_stream(ref, pending, attempts, on_event)
+
+    def close(self) -> None:
+        for actor in self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
+            self._ray.kill(actor)
+        self.idle, self.starting, self.running = [], {}, {}
 
     def _on_started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)
@@ -158,22 +159,21 @@ class ShardScheduler:
             return
         self.idle.append(actor)
 
-    def _on_stream(self, stream: Any, pending: deque, attempts: dict[int, int]) -> None:
+    def _on_stream(self, stream: Any, pending: deque, attempts: dict[int, int], on_event: Callable) -> None:
         ray = self._ray
         actor, task = self.running[stream]
         try:
-            self.on_event(ray.get(next(stream)))
+            on_event(ray.get(next(stream)))
         except StopIteration:
             del self.running[stream]
             self.idle.append(actor)
         except ray.exceptions.RayActorError as e:
             del self.running[stream]
             if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
-                raise RuntimeError(
-                    f"shard {task.shard_id} lost its worker {MAX_SHARD_ATTEMPTS} times; last: {e}"
-                ) from e
+                lost = f"shard {task.shard_id} lost its worker {MAX_SHARD_ATTEMPTS} times"
+                raise RuntimeError(f"{lost}; the last error: {e}") from e
             log.warning("worker died on shard %s (%s); the shard goes back on the queue", task.shard_id, _short(e))
-            self.on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
+            on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
             pending.appendleft(task)
             self._spawn()
 

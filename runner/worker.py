@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -79,16 +80,17 @@ class BatchStats:
 
 
 def worker_name(index: int) -> str:
-    """host:node/wN under Ray, host/wN without it."""
+    """host:node/wN-pid under Ray, host/wN-pid without it: which machine and which process."""
     host = socket.gethostname()
+    process = f"w{index}-{os.getpid()}"
     try:
         import ray
 
         if ray.is_initialized():
-            return f"{host}:{ray.get_runtime_context().get_node_id()[:8]}/w{index}"
+            return f"{host}:{ray.get_runtime_context().get_node_id()[:8]}/{process}"
     except ImportError:
         pass
-    return f"{host}/w{index}"
+    return f"{host}/{process}"
 
 
 def batch_seed(seed: int, batch_id: int) -> int:
@@ -106,19 +108,26 @@ class ShardGenerator:
 
         if threads:
             torch.set_num_threads(threads)
-        self.setup = setup
         self.name = worker_name(index)
         self.device = model_lib.pick_device()
         path = model_lib.resolve_model_path(setup.model_path)
         self.tokenizer = model_lib.load_tokenizer(path, setup.job.model)
         self.model = model_lib.load_model(path, setup.job.model, self.device)
+        # Learned after an out-of-memory error: batches costing more are split before they run.
+        self.token_limit: int | None = None
+        self.setup = setup
+        self.configure(setup)
+
+    def configure(self, setup: WorkerSetup) -> None:
+        """Take the settings of the next job (a sweep point) without reloading the model."""
+        if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
+            raise ValueError("configure() cannot change the model; start a new worker for another model")
+        self.setup = setup
         self.generation_config = build_generation_config(self.model.generation_config, setup.job, self.tokenizer)
         self.end_ids = end_token_ids(self.generation_config, self.tokenizer)
         self.out = output.open_output_dir(setup.job.output.dir)
         self.schema = output.output_schema(setup.carry_schema, setup.file_metadata)
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
-        # Learned after an out-of-memory error: batches costing more are split before they run.
-        self.token_limit: int | None = None
 
     def ready(self) -> dict[str, str]:
         return {"worker": self.name, "device": self.device}

@@ -11,9 +11,12 @@ from tests.conftest import write_jsonl
 
 def make_job(tmp_path, rows, **dataset) -> JobConfig:
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    return JobConfig(dataset=DatasetConfig(path=str(path), **dataset),
-                     model=ModelConfig(name_or_path="embedded:SmolLM2-135M-Instruct"),
-                     generation=GenerationSettings(max_new_tokens=8), output=OutputConfig(dir=str(tmp_path / "out")))
+    return JobConfig(
+        dataset=DatasetConfig(path=str(path), **dataset),
+        model=ModelConfig(name_or_path="embedded:SmolLM2-135M-Instruct"),
+        generation=GenerationSettings(max_new_tokens=8),
+        output=OutputConfig(dir=str(tmp_path / "out")),
+    )
 
 
 @pytest.fixture()
@@ -28,12 +31,15 @@ def no_workers(monkeypatch):
     monkeypatch.setattr(model, "load_model", forbidden)
 
 
-@pytest.mark.parametrize("rows,fragment", [
-    ([{"prompt": "a", "id": "1"}, {"prompt": "b", "id": "1"}], "ids must be unique"),
-    ([{"prompt": "", "id": "1"}], "empty or blank prompt"),
-    ([{"text": "a", "id": "1"}], "no such column"),
-    ([{"prompt": ["not", "text"], "id": "1"}], "not text"),
-])
+@pytest.mark.parametrize(
+    "rows,fragment",
+    [
+        ([{"prompt": "a", "id": "1"}, {"prompt": "b", "id": "1"}], "ids must be unique"),
+        ([{"prompt": "", "id": "1"}], "empty or blank prompt"),
+        ([{"text": "a", "id": "1"}], "no such column"),
+        ([{"prompt": ["not", "text"], "id": "1"}], "not text"),
+    ],
+)
 def test_bad_input_is_refused_before_any_worker_starts(tmp_path, no_workers, embedded_model_dir, rows, fragment):
     with pytest.raises(ConfigError, match=fragment):
         job_lib.run_job(make_job(tmp_path, rows, id_column="id"))
