@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test test-slow test-all model lint format clean
+.PHONY: demo test test-slow test-all model lint format clean cluster-up cluster-down submit
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format runner jobs tests
 	$(BIN)/ruff check --fix runner jobs tests
+
+cluster-up: $(STAMP)  ## a two-node Ray cluster on loopback (head + one worker node)
+	bash cluster/local.sh up
+
+cluster-down:
+	bash cluster/local.sh down
+
+submit: $(STAMP)  ## submit a job to the cluster: make submit ARGS="dataset.path=... output.dir=..."
+	RAY_AUTH_MODE=token $(BIN)/python jobs/submit.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -10,17 +10,24 @@
 # Then, with the token authentication the cluster uses:
 #   export RAY_AUTH_MODE=token
 #   python jobs/generate.py cluster.address=127.0.0.1:6390 cluster.cpus_per_worker=1 ...
-# Every server of both nodes listens on 127.0.0.1 only (see runner/raynet.py for why this needs
-# `python -m runner.raynet` rather than the plain `ray` command).
-# Environment: RAY_PORT (6390), RAY_DASHBOARD_PORT (8265), HEAD_CPUS (1), WORKER_CPUS (1), PYTHON.
+# Every server of both nodes listens on 127.0.0.1 only: cluster/loopback/sitecustomize.py keeps Ray
+# from swapping 127.0.0.1 for the machine's external address in every process of the cluster.
+# Environment: RAY_PORT (6390), RAY_DASHBOARD_PORT (8265), RAY_AGENT_PORT (52365 and the next one),
+# HEAD_CPUS (1), WORKER_CPUS (1), PYTHON.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$here/../.venv/bin/python}"
-ray_cli() { (cd "$here/.." && "$PYTHON" -m runner.raynet "$@"); }
+# The venv first on PATH, so `python` in a submitted job's entrypoint is the project's.
+ray_cli() {
+  (cd "$here/.." && PATH="$(dirname "$PYTHON"):$PATH" PYTHONPATH="$here/loopback${PYTHONPATH:+:$PYTHONPATH}" \
+    RUNNER_RAY_LOOPBACK=1 "$PYTHON" -m ray.scripts.scripts "$@")
+}
 PORT="${RAY_PORT:-6390}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 HEAD_CPUS="${HEAD_CPUS:-1}"
 WORKER_CPUS="${WORKER_CPUS:-1}"
+# Each node's dashboard agent needs its own HTTP port on a shared machine (job submission goes through it).
+AGENT_PORT="${RAY_AGENT_PORT:-52365}"
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_MODE=token
 
@@ -34,8 +41,10 @@ case "${1:-}" in
     [ -s "$HOME/.ray/auth_token" ] || ray_cli get-auth-token --generate >/dev/null
     ray_cli start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+      --dashboard-agent-listen-port="$AGENT_PORT" \
       --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources='{"head_node": 1}' --disable-usage-stats >/dev/null
     ray_cli start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+      --dashboard-agent-listen-port="$((AGENT_PORT + 1))" \
       --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources='{"worker_node": 1}' --disable-usage-stats >/dev/null
     for _ in $(seq 60); do
       [ "$(ray_cli status --address="127.0.0.1:$PORT" 2>/dev/null | grep -c '^ 1 node_')" -ge 2 ] && break

@@ -62,11 +62,13 @@ class Session:
         return self.pool
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-        if self.started_ray:
-            import ray
+        import ray
 
+        # At interpreter exit Ray's own exit hook may have shut it down already; any Ray call
+        # would then start (or join) a cluster again, so only a live Ray is touched.
+        if self.pool is not None and ray.is_initialized():
+            self.pool.close()
+        self.pool = None
+        if self.started_ray and ray.is_initialized():
             ray.shutdown()
-            self.started_ray = False
+        self.started_ray = False

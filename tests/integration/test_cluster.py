@@ -22,7 +22,7 @@ def local_cluster(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def two_nodes():
     local_cluster("down")
     up = local_cluster("up")
@@ -37,40 +37,50 @@ def workers_in(out) -> set[str]:
     return {w for f in out.glob("*.parquet") for w in pq.read_table(f, columns=["worker"]).column("worker").to_pylist()}
 
 
-def test_both_nodes_generate_rows(two_nodes, prompts, tmp_path):
-    out = tmp_path / "run"
+def test_a_job_submitted_with_the_jobs_api_runs_on_both_nodes(two_nodes, prompts, tmp_path):
+    import psutil
+
+    out = tmp_path / "submitted"
+    overrides = job_args(prompts, out, "cluster.num_workers=2", "cluster.cpus_per_worker=1")[2:]
     result = subprocess.run(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
+        [sys.executable, "jobs/submit.py", "--address", "http://127.0.0.1:8266", *overrides],
         cwd=REPO,
         env=ENV,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "SUCCEEDED" in result.stdout and "python jobs/generate.py cluster.address=auto" in result.stdout
     assert_complete(out, expected_ids(prompts))
-    nodes = {w.split(":")[1].split("/")[0] for w in workers_in(out)}
-    assert len(nodes) == 2, workers_in(out)
+    assert len({w.split(":")[1].split("/")[0] for w in workers_in(out)}) == 2
+    # every server of both nodes, dashboard and agents included, is on loopback
+    listening = {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid and "ray" in " ".join(psutil.Process(c.pid).cmdline())
+    }
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
 
 
-def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
+def test_a_failing_submitted_job_makes_the_wrapper_fail(two_nodes, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "jobs/submit.py",
+            "--address",
+            "http://127.0.0.1:8266",
+            "generation.temperature=-1",
+            f"output.dir={tmp_path}",
+        ],
         cwd=REPO,
         env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=300,
     )
-    wait_for_files(out, 2, proc)
-    killed = local_cluster("kill-worker")
-    assert killed.returncode == 0, killed.stderr
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "goes back on the queue" in stdout + stderr
-    assert_complete(out, expected_ids(prompts))
-    assert "1 node_" in local_cluster("status").stdout  # the head is still there, alone
+    assert result.returncode == 1 and "FAILED" in result.stdout
+    assert "generation.temperature=-1.0: must be >= 0" in result.stdout
 
 
 def test_a_local_run_listens_on_loopback_only():
@@ -90,3 +100,24 @@ print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
 
     addresses = json.loads(result.stdout.strip().splitlines()[-1])
     assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
+
+
+# Last in the module: it takes the shared cluster's second node away.
+def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_files(out, 2, proc)
+    killed = local_cluster("kill-worker")
+    assert killed.returncode == 0, killed.stderr
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "goes back on the queue" in stdout + stderr
+    assert_complete(out, expected_ids(prompts))
+    assert "1 node_" in local_cluster("status").stdout  # the head is still there, alone

