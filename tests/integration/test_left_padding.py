@@ -13,11 +13,9 @@ then fail, and that is what it should do, since users would see different text.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
-from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
 from runner.plan import plan_shards
-from runner.worker import ShardGenerator, WorkerSetup
+from tests.unit.test_worker import make_generator
 
 PROMPTS = 20
 MAX_PROMPT_TOKENS = 500
@@ -25,22 +23,9 @@ MAX_NEW_TOKENS = 12
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows, tmp_path):
-    job = JobConfig(
-        dataset=DatasetConfig(path="unused"),
-        model=ModelConfig(name_or_path=embedded_model_dir, quantization="nf4"),
-        generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS),
-        output=OutputConfig(dir=str(tmp_path)),
+    gen = make_generator(
+        embedded_model_dir, tmp_path, quantization="nf4", chat_template="auto", max_new_tokens=MAX_NEW_TOKENS
     )
-    setup = WorkerSetup(
-        job=job,
-        model_path=embedded_model_dir,
-        run_id="r",
-        config_hash="h",
-        plan_fingerprint="p",
-        carry_schema=pa.schema([]),
-        file_metadata={},
-    )
-    gen = ShardGenerator(setup, threads=2)
     tok = gen.tokenizer
     texts = [
         tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)

@@ -10,10 +10,11 @@ from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelCon
 from runner.worker import ShardGenerator, ShardTask, WorkerSetup, finish, left_pad
 
 
-def make_generator(model_dir, out_dir, quantization="none", **gen) -> ShardGenerator:
+def make_generator(model_dir, out_dir, quantization="none", chat_template="none", **gen) -> ShardGenerator:
+    """A worker without Ray, as the scheduler would build it."""
     job = JobConfig(
         dataset=DatasetConfig(path="unused"),
-        model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template="none"),
+        model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template=chat_template),
         generation=GenerationSettings(**{"max_new_tokens": 8, **gen}),
         output=OutputConfig(dir=str(out_dir)),
     )
@@ -166,3 +167,21 @@ def test_a_row_that_fails_alone_is_written_as_an_error_or_fails_the_job(tiny_lla
     strict.model.generate = OutOfMemoryAbove(strict.model.generate, max_rows=0)
     with pytest.raises(RowFailedError, match="out of memory even alone"):
         list(strict.run_shard(oom_task(strict, 4)))
+
+
+def test_a_stop_string_ends_the_completion_just_before_it(embedded_model_dir, tmp_path):
+    plain = make_generator(embedded_model_dir, tmp_path, quantization="nf4", chat_template="auto", max_new_tokens=24)
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    text = plain.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = plain.tokenizer(text, add_special_tokens=False).input_ids
+    full = plain.generate_batch([prompt], batch_id=0)[0][0].completion
+    words = full.split()
+    assert len(words) > 3, full
+    stop = " " + words[2]
+    stopped = make_generator(
+        embedded_model_dir, tmp_path, quantization="nf4", chat_template="auto", max_new_tokens=24, stop_strings=[stop]
+    )
+    result = stopped.generate_batch([prompt], batch_id=0)[0][0]
+    assert result.finish_reason == "stop"
+    assert result.completion == full[: full.index(stop)]
+    assert result.completion_tokens < len(plain.tokenizer.encode(full, add_special_tokens=False))
