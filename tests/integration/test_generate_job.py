@@ -170,3 +170,29 @@ def test_missing_model_folder_is_named(tmp_path, unseen_jsonl):
         timeout=120,
     )
     assert result.returncode == 2 and "model.name_or_path='./models/missing-model': no such folder" in result.stderr
+
+
+def test_duckdb_polars_pandas_and_pyarrow_read_the_same_rows_and_types(sampled_run):
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    out, _, _ = sampled_run
+    files = sorted(str(p) for p in out.glob("*.parquet"))
+    key = ["id", "sample_index"]
+    from_duckdb = duckdb.connect().execute(f"SELECT * FROM read_parquet('{out}/*.parquet')").to_arrow_table()
+    from_polars = pl.read_parquet(files).sort(key)
+    from_pandas = pd.concat([pd.read_parquet(f) for f in files]).sort_values(key).reset_index(drop=True)
+    # manifest.json sits beside the data files: pyarrow.dataset is told to skip what is not Parquet
+    from_dataset = ds.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
+    assert from_duckdb.num_rows == from_polars.height == len(from_pandas) == from_dataset.num_rows
+    assert from_polars.columns == from_dataset.schema.names == list(from_pandas.columns)
+    assert str(from_dataset.schema.field("created_at").type) == "timestamp[us, tz=UTC]"
+    assert from_duckdb.schema.field("prompt_tokens").type == from_dataset.schema.field("prompt_tokens").type
+    expected = from_dataset.sort_by([(k, "ascending") for k in key])
+    assert from_polars["completion"].to_list() == expected.column("completion").to_pylist()
+    assert from_pandas["completion"].tolist() == expected.column("completion").to_pylist()
+    assert sorted(from_duckdb.column("completion").to_pylist(), key=str) == sorted(
+        expected.column("completion").to_pylist(), key=str
+    )
+    assert str(from_pandas["created_at"].dtype) == "datetime64[us, UTC]"
+    assert str(from_pandas["prompt_tokens"].dtype) == "int32"
