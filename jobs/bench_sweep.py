@@ -36,18 +36,29 @@ def main() -> int:
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
     shutil.rmtree(out / "sweep-runs", ignore_errors=True)
-    common = [f"dataset.limit={args.rows}", f"generation.max_new_tokens={args.max_new_tokens}",
-              "generation.do_sample=true", "cluster.num_workers=1"]
+    common = [
+        f"dataset.limit={args.rows}",
+        f"generation.max_new_tokens={args.max_new_tokens}",
+        "generation.do_sample=true",
+        "cluster.num_workers=1",
+    ]
     points = args.temperatures.split(",")
 
-    separate = [timed([*common, f"generation.temperature={t}", f"output.dir={out}/sweep-runs/separate/{i}"])
-                for i, t in enumerate(points)]
-    sweep = timed(["-m", *common, f"generation.temperature={args.temperatures}",
-                   f"hydra.sweep.dir={out}/sweep-runs/sweep"])
+    separate = [
+        timed([*common, f"generation.temperature={t}", f"output.dir={out}/sweep-runs/separate/{i}"])
+        for i, t in enumerate(points)
+    ]
+    sweep = timed(
+        ["-m", *common, f"generation.temperature={args.temperatures}", f"hydra.sweep.dir={out}/sweep-runs/sweep"]
+    )
     result = {
-        "points": len(points), "rows_per_point": args.rows, "max_new_tokens": args.max_new_tokens,
-        "separate_runs_s": [round(s, 2) for s in separate], "separate_total_s": round(sum(separate), 2),
-        "sweep_s": round(sweep, 2), "speedup": round(sum(separate) / sweep, 3),
+        "points": len(points),
+        "rows_per_point": args.rows,
+        "max_new_tokens": args.max_new_tokens,
+        "separate_runs_s": [round(s, 2) for s in separate],
+        "separate_total_s": round(sum(separate), 2),
+        "sweep_s": round(sweep, 2),
+        "speedup": round(sum(separate) / sweep, 3),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))

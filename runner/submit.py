@@ -11,8 +11,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Never uploaded with the working directory: environments, results, caches.
 EXCLUDES = [".venv", ".git", "outputs", "multirun", "out", "**/__pycache__", "*.parquet", ".pytest_cache", ".whl"]
-PASSED_ENV = ("HF_TOKEN", "HF_HOME", "RUNNER_CACHE_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE")
+PASSED_ENV = (
+    "HF_TOKEN",
+    "HF_HOME",
+    "RUNNER_CACHE_DIR",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "RAY_AUTH_MODE",
+)
 
 
 def entrypoint(overrides: list[str]) -> str:
@@ -33,8 +42,11 @@ def submit_and_follow(address: str, overrides: list[str], wait: bool = True) -> 
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
-        print(f"error: no Ray dashboard answers at {address} ({e}); start a cluster (cluster/local.sh up) or "
-              "pass --address", file=sys.stderr)
+        print(
+            f"error: no Ray dashboard answers at {address} ({e}); start a cluster (cluster/local.sh up) or "
+            "pass --address",
+            file=sys.stderr,
+        )
         return 2
     job_id = client.submit_job(entrypoint=entrypoint(overrides), runtime_env=runtime_env())
     print(f"submitted {job_id} to {address}: {entrypoint(overrides)}", flush=True)
