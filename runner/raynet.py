@@ -3,16 +3,14 @@
 Ray replaces a loopback node address (127.0.0.1, localhost, ::1) with the
 machine's external address before it starts or joins a node, so its servers
 would listen on the network even for a private, single-machine cluster. For
-the duration of `ray.init` (and of the `ray` command line run through this
-module) loopback addresses are kept as they are: a local cluster then listens
-on 127.0.0.1 only. Addresses of other machines are never touched.
-
-Usage as a command line: python -m runner.raynet start --head --node-ip-address=127.0.0.1 ...
+the duration of `ray.init`, loopback addresses are kept as they are: a local
+cluster then listens on 127.0.0.1 only. Addresses of other machines are never
+touched. Ray's own processes in a `ray start` cluster get the same treatment
+from cluster/loopback/sitecustomize.py (see cluster/local.sh).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,14 +25,3 @@ def keep_loopback_addresses() -> Iterator[None]:
         yield
     finally:
         services.resolve_ip_for_localhost = original
-
-
-def main() -> int:
-    from ray.scripts.scripts import main as ray_cli
-
-    with keep_loopback_addresses():
-        return ray_cli()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
