@@ -19,6 +19,7 @@ model: $(STAMP)  ## convert the embedded SmolLM2-135M-Instruct GGUF into a model
 
 demo: model  ## run the demo job on the embedded model and print where the results are
 	$(BIN)/python jobs/generate.py output.dir=$(DEMO_OUT) output.overwrite=true generation.max_new_tokens=64
+	$(BIN)/python jobs/report.py output.dir=$(DEMO_OUT)
 
 test: $(STAMP)  ## the default suite (unit + integration on CPU), well under 15 minutes
 	$(BIN)/python -m pytest

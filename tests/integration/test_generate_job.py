@@ -196,3 +196,39 @@ def test_duckdb_polars_pandas_and_pyarrow_read_the_same_rows_and_types(sampled_r
     )
     assert str(from_pandas["created_at"].dtype) == "datetime64[us, UTC]"
     assert str(from_pandas["prompt_tokens"].dtype) == "int32"
+
+
+def test_the_report_renders_and_its_numbers_match_duckdb(sampled_run, tmp_path):
+    out, _, _ = sampled_run
+    result = subprocess.run(
+        [sys.executable, "jobs/report.py", f"output.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("report.html", "lengths.png", "finish_reasons.png", "workers.png", "padding.png"):
+        assert (out / name).stat().st_size > 1000, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4  # self-contained
+    con = duckdb.connect()
+    files = f"read_parquet('{out}/*.parquet')"
+    rows, tokens = con.execute(f"SELECT count(*), sum(completion_tokens) FROM {files}").fetchone()
+    assert f"{rows} rows" in result.stdout and f"total {tokens}" in result.stdout
+    for reason, count in con.execute(f"SELECT finish_reason, count(*) FROM {files} GROUP BY ALL").fetchall():
+        assert f"{reason} {count}" in result.stdout
+    efficiency = con.execute(
+        f"SELECT sum(p) / sum(n * w) FROM (SELECT sum(prompt_tokens) p, count(*) n, any_value(padded_length) w "
+        f"FROM {files} WHERE sample_index = 0 GROUP BY worker, batch_id, created_at)"
+    ).fetchone()[0]
+    assert f"prompt side {efficiency:.3f}" in result.stdout
+    for worker in {r[0] for r in con.execute(f"SELECT DISTINCT worker FROM {files}").fetchall()}:
+        assert f"worker {worker}:" in result.stdout
+
+
+def test_report_on_a_directory_without_a_finished_run_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/report.py", f"output.dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "no manifest.json" in result.stderr

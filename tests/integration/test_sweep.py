@@ -77,3 +77,13 @@ def test_rerunning_the_sweep_reproduces_it_exactly(sweeps):
     # sampling really happened: the two temperatures do not give the same text everywhere
     by_point = {t: [r[3] for r in a if r[0] == t] for t in POINTS}
     assert by_point[0.5] != by_point[1.0]
+
+
+def test_the_report_over_a_sweep_compares_the_settings(sweeps):
+    first, _ = sweeps
+    result = subprocess.run(
+        [sys.executable, "jobs/report.py", f"output.dir={first}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "report over 2 run(s), 16 rows" in result.stdout
+    assert (first / "report.html").exists() and (first / "finish_reasons.png").stat().st_size > 1000
