@@ -10,6 +10,7 @@ pyarrow's filesystems accept (file://, s3://, gs://).
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -119,8 +120,6 @@ def open_output_dir(uri: str) -> OutputDir:
         if "://" in uri:
             fs, path = pafs.FileSystem.from_uri(uri)
         else:
-            import os
-
             fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise ConfigError([f"output.dir={redact(uri)!r}: not a usable path or URI ({e})"]) from e

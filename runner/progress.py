@@ -80,6 +80,7 @@ class ProgressBar:
         self._last_log = 0.0
         self._total = total_rows
         self._done = already_done
+        self._shard_rows: dict[int, tuple[int, int]] = {}  # shard -> (rows, sequences) counted so far
 
     def __call__(self, event: dict[str, Any]) -> None:
         t = self.totals
@@ -93,6 +94,8 @@ class ProgressBar:
             t.generated_steps += event["generated_steps"]
             t.batches += 1
             t.busy_s[event["worker"]] = t.busy_s.get(event["worker"], 0.0) + event["latency_s"]
+            rows, sequences = self._shard_rows.get(event["shard_id"], (0, 0))
+            self._shard_rows[event["shard_id"]] = (rows + event["rows"], sequences + event["sequences"])
             self._done += event["rows"]
             self.bar.update(event["rows"])
             self.bar.set_postfix(tok_s=f"{t.tokens_per_s:.1f}", refresh=False)
@@ -100,8 +103,19 @@ class ProgressBar:
         elif kind == "shard":
             t.shards += 1
         elif kind == "retry":
+            # The shard is redone from its start: its rows will be reported again, so they are not counted twice.
+            rows, sequences = self._shard_rows.pop(event["shard_id"], (0, 0))
+            t.rows -= rows
+            t.sequences -= sequences
+            self._done -= rows
+            self.bar.update(-rows)
             t.retries += 1
             self.bar.write(f"worker lost on shard {event['shard_id']}; retrying it ({event['error']})")
+
+    @property
+    def rows_done(self) -> int:
+        """Rows in the output so far, earlier runs' included (what the bar and the ETA show)."""
+        return self._done
 
     def _log_line(self) -> None:
         # Without a terminal (CI, `ray job submit` logs) print a plain line every few seconds instead.
