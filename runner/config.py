@@ -80,10 +80,14 @@ class GenerationSettings:
 
 @dataclass
 class BatchingConfig:
-    # Padded tokens (prompt + max_new_tokens, per returned sequence) in one batch.
-    max_batch_tokens: int = 16384
+    # Padded tokens (prompt + max_new_tokens, per returned sequence) in one batch. None: each
+    # worker derives it from its device's free memory and the model's KV-cache size per token.
+    max_batch_tokens: int | None = None
     max_batch_size: int = 64
     shard_size: int = 1000
+    # What one decode step of a batch costs, in prompt tokens: the planner opens another batch
+    # only where the padding it saves outweighs step_cost_tokens x max_new_tokens. 0: padding only.
+    step_cost_tokens: int = 64
 
 
 @dataclass
@@ -234,8 +238,14 @@ def _batching_problems(b: BatchingConfig, g: GenerationSettings) -> list[str]:
         problems.append(f"batching.max_batch_size={b.max_batch_size}: must be >= 1")
     if b.shard_size < 1:
         problems.append(f"batching.shard_size={b.shard_size}: must be >= 1")
-    if b.max_batch_tokens < 1:
-        problems.append(f"batching.max_batch_tokens={b.max_batch_tokens}: must be >= 1")
+    if b.step_cost_tokens < 0:
+        problems.append(f"batching.step_cost_tokens={b.step_cost_tokens}: must be >= 0 (0 counts padding only)")
+    if b.max_batch_tokens is None:
+        pass
+    elif b.max_batch_tokens < 1:
+        problems.append(
+            f"batching.max_batch_tokens={b.max_batch_tokens}: must be >= 1, or null to derive it from free memory"
+        )
     elif g.max_new_tokens > 0 and b.max_batch_tokens < g.max_new_tokens * max(g.num_return_sequences, 1):
         problems.append(
             f"batching.max_batch_tokens={b.max_batch_tokens}: smaller than one row's generation "

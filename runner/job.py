@@ -98,6 +98,7 @@ def prepare(job: JobConfig, session: Session | None = None) -> PreparedJob:
         b.max_batch_tokens,
         b.max_batch_size,
         b.shard_size,
+        b.step_cost_tokens,
     )
     return PreparedJob(
         job,

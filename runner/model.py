@@ -260,3 +260,36 @@ def load_model(path: str, model_cfg: ModelConfig, device: str) -> Any:
     )
     model.eval()
     return model
+
+
+def model_shape(model: Any) -> Any:
+    """The numbers the token budget needs, read off a loaded model's config and compute dtype."""
+    from runner.budget import ModelShape
+
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = getattr(model, "dtype", None)
+    dtype_bytes = getattr(dtype, "itemsize", 4)
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden=config.hidden_size,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+def free_memory_bytes(device: str, threads: int | None) -> int:
+    """Memory this worker may fill with batches: CUDA's free memory, or on the CPU its share of available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    cores = os.cpu_count() or 1
+    share = min(1.0, (threads or cores) / cores)
+    return int(psutil.virtual_memory().available * share)

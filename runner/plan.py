@@ -67,26 +67,49 @@ def cut_batches(
     order: Sequence[int],
     max_new_tokens: int,
     num_return_sequences: int,
-    max_batch_tokens: int,
+    max_batch_tokens: int | None,
     max_batch_size: int,
+    step_cost_tokens: int = 0,
 ) -> list[Batch]:
-    """Cut rows, taken in `order` (longest first), into batches that fit the token budget.
+    """Cut rows, taken in `order` (longest first), into the cheapest batches that fit the limits.
 
-    A row too long for the budget on its own still gets a batch of its own.
+    A batch costs its padded prompt tokens (rows x its longest prompt) plus a fixed
+    `step_cost_tokens` x `max_new_tokens` for its decode loop: every decode step of a
+    batch costs about the same however few rows it holds. The cut that minimises the
+    sum is found exactly, by dynamic programming over the sorted rows: a new batch is
+    opened only where the padding it saves is worth another decode loop. With
+    `step_cost_tokens=0` only padding counts.
+
+    Every batch holds at most `max_batch_size` rows and, when `max_batch_tokens` is set,
+    at most that many padded tokens (`batch_cost`); a row too long for the budget on
+    its own still gets a batch of its own.
     """
-    batches: list[Batch] = []
-    current: list[int] = []
-    for row in order:
-        if current:
-            padded = lengths[current[0]]
-            grown = batch_cost(len(current) + 1, padded, max_new_tokens, num_return_sequences)
-            if len(current) >= max_batch_size or grown > max_batch_tokens:
-                batches.append(Batch(len(batches), tuple(current), padded))
-                current = []
-        current.append(row)
-    if current:
-        batches.append(Batch(len(batches), tuple(current), lengths[current[0]]))
-    return batches
+    import numpy as np
+
+    n = len(order)
+    if n == 0:
+        return []
+    width = np.array([lengths[r] for r in order], dtype=np.int64)  # non-increasing
+    per_batch = step_cost_tokens * max_new_tokens
+    best = np.zeros(n + 1, dtype=np.float64)  # best[i]: cheapest cut of the rows from i on
+    end = np.zeros(n + 1, dtype=np.int64)  # where the batch starting at row i ends
+    for i in range(n - 1, -1, -1):
+        stop = np.arange(i + 1, min(n, i + max_batch_size) + 1)  # candidate ends of the batch opening at row i
+        rows = stop - i
+        cost = rows * width[i] + per_batch + best[stop]
+        if max_batch_tokens is not None:
+            held = rows * num_return_sequences * (width[i] + max_new_tokens)
+            fits = held <= max_batch_tokens
+            fits[0] = True  # a single row always gets a batch
+            cost = np.where(fits, cost, np.inf)
+        k = len(stop) - 1 - int(np.argmin(cost[::-1]))  # ties: the longest batch, so early batches fill up
+        best[i], end[i] = cost[k], stop[k]
+    bounds = []
+    i = 0
+    while i < n:
+        bounds.append((i, int(end[i])))
+        i = int(end[i])
+    return [Batch(b, tuple(order[i:j]), int(width[i])) for b, (i, j) in enumerate(bounds)]
 
 
 def group_shards(batches: Sequence[Batch], shard_size: int) -> list[Shard]:
@@ -110,18 +133,22 @@ def plan_shards(
     lengths: Sequence[int],
     max_new_tokens: int,
     num_return_sequences: int,
-    max_batch_tokens: int,
+    max_batch_tokens: int | None,
     max_batch_size: int,
     shard_size: int,
+    step_cost_tokens: int = 0,
 ) -> Plan:
     """The whole plan: sort, cut batches, group shards, fingerprint."""
     if len(ids) != len(lengths):
         raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
     order = sort_by_length(lengths)
-    batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size)
+    batches = cut_batches(
+        lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, step_cost_tokens
+    )
     shards = group_shards(batches, shard_size)
     digest = hashlib.sha256()
-    digest.update(f"{max_new_tokens}:{num_return_sequences}:{max_batch_tokens}:{max_batch_size}:{shard_size}".encode())
+    settings = (max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, shard_size, step_cost_tokens)
+    digest.update(":".join(map(str, settings)).encode())
     for shard in shards:
         for batch in shard.batches:
             digest.update(f"|{shard.shard_id}/{batch.batch_id}:".encode())

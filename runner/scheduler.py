@@ -73,6 +73,14 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
         count = cluster.num_workers or max(1, cpus // cluster.cpus_per_worker)
         options = {"num_cpus": cluster.cpus_per_worker}
         threads = cluster.cpus_per_worker
+    if num_shards < count:
+        log.warning(
+            "only %d shard(s) to run for %d worker slots: %d will sit idle; a smaller batching.shard_size "
+            "spreads a small job over every worker",
+            num_shards,
+            count,
+            count - num_shards,
+        )
     return WorkerPlan(max(1, min(count, num_shards)), options, threads)
 
 
@@ -149,7 +157,7 @@ class WorkerPool:
     def _on_started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)
         try:
-            self._ray.get(ref)
+            info = self._ray.get(ref)
         except self._ray.exceptions.RayActorError as e:
             self.start_failures.append(_short(e))
             if "creation task" in str(e):  # the model failed to load: another try will not help
@@ -157,6 +165,8 @@ class WorkerPool:
             log.warning("a worker died while starting (%s); starting another", _short(e))
             self._spawn()
             return
+        if self.setup.job.batching.max_batch_tokens is None:
+            log.info("worker %s on %s: %s", info["worker"], info["device"], info["token_budget"])
         self.idle.append(actor)
 
     def _on_stream(self, stream: Any, pending: deque, attempts: dict[int, int], on_event: Callable) -> None:

@@ -113,8 +113,14 @@ class ShardGenerator:
         path = model_lib.resolve_model_path(setup.model_path)
         self.tokenizer = model_lib.load_tokenizer(path, setup.job.model)
         self.model = model_lib.load_model(path, setup.job.model, self.device)
+        from runner import budget
+
+        free, shape = model_lib.free_memory_bytes(self.device, threads), model_lib.model_shape(self.model)
+        # Used when the job sets no batching.max_batch_tokens: batches holding more are split before they run.
+        self.memory_budget = budget.token_budget(free, shape)
+        self.memory_budget_note = budget.describe(free, shape)
         # Learned after an out-of-memory error: batches costing more are split before they run.
-        self.token_limit: int | None = None
+        self.oom_limit: int | None = None
         self.setup = setup
         self.configure(setup)
 
@@ -129,8 +135,17 @@ class ShardGenerator:
         self.schema = output.output_schema(setup.carry_schema, setup.file_metadata)
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 
-    def ready(self) -> dict[str, str]:
-        return {"worker": self.name, "device": self.device}
+    def ready(self) -> dict[str, Any]:
+        return {"worker": self.name, "device": self.device, "token_budget": self.memory_budget_note}
+
+    @property
+    def token_limit(self) -> int | None:
+        """Padded tokens a batch may cost before it is split: the learned OOM limit, and the derived budget."""
+        limits = [self.oom_limit]
+        if self.setup.job.batching.max_batch_tokens is None:
+            limits.append(self.memory_budget)
+        known = [x for x in limits if x is not None]
+        return min(known) if known else None
 
     def run_shard(self, task: ShardTask) -> Iterator[dict[str, Any]]:
         """Generate every batch of `task`, write its file, and report progress as it goes."""
@@ -209,7 +224,7 @@ class ShardGenerator:
             except out_of_memory_errors() as e:
                 free_device_memory()
                 cost = self.batch_cost(chunk)
-                self.token_limit = max(1, min(self.token_limit or cost, cost // 2))
+                self.oom_limit = max(1, min(self.oom_limit or cost, cost // 2))
                 splits += 1
                 if end - start > 1:
                     mid = (start + end) // 2

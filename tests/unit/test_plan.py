@@ -71,3 +71,49 @@ def test_sorting_cuts_padding_against_input_order():
     lengths = [rng.choice([10, 20, 500, 1000]) for _ in range(400)]
     plan = make_plan(lengths, budget=40000, size=32)
     assert padding_efficiency(plan, lengths) > 0.9
+
+
+def _brute_force_cost(lengths, max_new, step_cost, size, budget):
+    """The cheapest cut of the sorted rows, by trying every cut (small inputs only)."""
+    widths = sorted(lengths, reverse=True)
+    n = len(widths)
+    best = None
+    for mask in range(1 << (n - 1)):
+        cuts = [0] + [k + 1 for k in range(n - 1) if mask >> k & 1] + [n]
+        spans = list(zip(cuts, cuts[1:]))
+        if any(j - i > size or (j - i > 1 and (j - i) * (widths[i] + max_new) > budget) for i, j in spans):
+            continue
+        cost = sum((j - i) * widths[i] + step_cost * max_new for i, j in spans)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_batches_are_the_cheapest_cut_padding_plus_decode_loops():
+    rng = random.Random(7)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+        max_new, step_cost = rng.randint(1, 6), rng.randint(0, 12)
+        size, budget = rng.randint(1, 6), rng.randint(20, 300)
+        plan = plan_shards([str(i) for i in range(len(lengths))], lengths, max_new, 1, budget, size, 100, step_cost)
+        batches = [b for s in plan.shards for b in s.batches]
+        cost = sum(len(b.rows) * b.padded_length + step_cost * max_new for b in batches)
+        assert cost == _brute_force_cost(lengths, max_new, step_cost, size, budget)
+        assert sorted(r for b in batches for r in b.rows) == list(range(len(lengths)))
+
+
+def test_step_cost_trades_padding_for_fewer_batches():
+    rng = random.Random(8)
+    lengths = [rng.randint(8, 1000) for _ in range(256)]
+    by_cost = {
+        cost: plan_shards([str(i) for i in range(256)], lengths, 32, 1, None, 64, 1000, cost) for cost in (0, 16, 128)
+    }
+    batches = {c: p.num_batches for c, p in by_cost.items()}
+    efficiency = {c: padding_efficiency(p, lengths) for c, p in by_cost.items()}
+    assert batches[0] > batches[16] > batches[128] >= 256 // 64
+    assert efficiency[0] == 1.0 and efficiency[0] > efficiency[16] > efficiency[128]
+    assert efficiency[16] >= 0.9
+
+
+def test_without_a_token_budget_only_the_row_cap_limits_a_batch():
+    plan = plan_shards(["a", "b", "c"], [5000, 4000, 4000], 16, 1, None, 8, 10, 10**6)
+    assert [b.rows for s in plan.shards for b in s.batches] == [(0, 1, 2)]

@@ -1,0 +1,182 @@
+"""Throughput benchmark: the same prompts through the plain recipe, sorted batches, the pipeline,
+a Ray Data peer and the runner, in one invocation.
+
+Usage:
+    python jobs/benchmark.py                          # default workload (about 25 minutes on 2 CPU cores)
+    python jobs/benchmark.py --n 32 --systems plain,runner          # a quick look
+    python jobs/benchmark.py --max-prompt-tokens 0    # the uncapped mix (prompts up to 4,000 tokens)
+
+Every system runs greedy decoding with the same model, quantization and max_new_tokens on the
+same rendered prompts. Prints a table (generated tokens/s, wall time, both padding efficiencies,
+speed-up over the plain recipe, agreement of completions with it) and writes it to
+OUT/benchmark.json and OUT/benchmark.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("plain", "sorted", "pipeline", "ray_data", "runner", "runner_2w")
+TARGETS = [  # (system, baseline, minimum speed-up) from the issue
+    ("runner", "plain", 2.0),
+    ("runner", "ray_data", 1.2),
+    ("runner", "sorted", 1.1),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", default=str(REPO.parent / "shared" / "data" / "t0_mix_2k.jsonl"))
+    parser.add_argument("--n", type=int, default=256, help="prompts to take (default 256)")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=1024, help="skip longer prompts; 0 takes every prompt (default 1024)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    parser.add_argument("--model", default="embedded:SmolLM2-135M-Instruct")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch of the fixed-size systems")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU threads every system gets")
+    parser.add_argument("--out", default="outputs/benchmark")
+    parser.add_argument(
+        "--runner-override", action="append", default=[], help="extra Hydra override for the runner (repeatable)"
+    )
+    args = parser.parse_args()
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    if not Path(args.prompts).exists():
+        parser.error(f"--prompts {args.prompts}: no such file; give a JSONL file with id and prompt fields")
+    return args
+
+
+def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tuple[list[str], list[str], list[int]]:
+    """Render the chosen prompts with the chat template once; every system gets these exact texts."""
+    from runner import bench
+    from runner import model as model_lib
+    from runner.config import ModelConfig
+
+    tokenizer = model_lib.load_tokenizer(model_path, ModelConfig(name_or_path=model_path))
+    with open(args.prompts, encoding="utf-8") as f:  # not splitlines(): prompts may hold U+2028
+        rows = [json.loads(line) for line in f if line.strip()]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        for r in rows
+    ]
+    lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
+    picked = bench.select_workload(lengths, args.n, args.max_prompt_tokens or None)
+    ids = [str(rows[i]["id"]) for i in picked]
+    texts = [texts[i] for i in picked]
+    with (out / "workload.jsonl").open("w") as f:
+        for i, t in zip(ids, texts):
+            f.write(json.dumps({"id": i, "text": t}) + "\n")
+    return ids, texts, [lengths[i] for i in picked]
+
+
+def run_system(name: str, args: argparse.Namespace, model_path: str, out: Path, ids, texts, lengths):
+    from runner import bench_systems as systems
+
+    common = {"model_path": model_path, "quantization": args.quantization, "max_new_tokens": args.max_new_tokens}
+    if name == "plain":
+        return systems.fixed_size("plain", ids, texts, list(range(len(ids))), batch_size=args.batch_size, **common)
+    if name == "sorted":
+        order = sorted(range(len(ids)), key=lambda i: -lengths[i])
+        return systems.fixed_size("sorted", ids, texts, order, batch_size=args.batch_size, **common)
+    if name == "pipeline":
+        return systems.pipeline(ids, texts, batch_size=args.batch_size, **common)
+    if name == "ray_data":
+        return systems.ray_data(
+            out / "workload.jsonl", batch_size=args.batch_size, cpus=args.cpus, out_dir=out / "ray_data", **common
+        )
+    workers = 2 if name == "runner_2w" else 1
+    return systems.runner_job(
+        out / "workload.jsonl",
+        args.quantization,
+        args.max_new_tokens,
+        workers=workers,
+        cpus=args.cpus,
+        out_dir=out / name,
+        # Shards of about 32 rows, so that both workers of runner_2w get work from a 256-row job.
+        overrides=[f"model.name_or_path={args.model}", "batching.shard_size=32", *args.runner_override],
+        name=name,
+    )
+
+
+def main() -> int:
+    args = parse_args()
+    from runner import bench
+    from runner import model as model_lib
+
+    model_lib.quiet_transformers()
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = model_lib.resolve_model_path(args.model)
+    ids, texts, lengths = write_workload(args, model_path, out)
+    workload = {
+        "prompts": len(ids),
+        "source": args.prompts,
+        "max_prompt_tokens": args.max_prompt_tokens or None,
+        "prompt_tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths)},
+        "max_new_tokens": args.max_new_tokens,
+        "quantization": args.quantization,
+        "model": args.model,
+        "batch_size_of_fixed_systems": args.batch_size,
+        "cpus": args.cpus,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+    }
+    print(
+        f"workload: {len(ids)} prompts, {min(lengths)}..{max(lengths)} tokens ({sum(lengths)} in all), "
+        f"max_new_tokens={args.max_new_tokens}, {args.quantization}, greedy",
+        flush=True,
+    )
+    results = []
+    for name in args.systems.split(","):
+        started = time.perf_counter()
+        print(f"running {name} ...", flush=True)
+        result = run_system(name, args, model_path, out, ids, texts, lengths)
+        results.append(result)
+        row = bench.figures(result)
+        print(
+            f"  {name}: {row['tokens_per_s']:.1f} generated tok/s, {row['wall_s']:.1f}s "
+            f"(benchmark step {time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
+    rows = bench.compare(results)
+    for result, row in zip(results, rows):
+        if result.name.startswith("runner"):
+            row["worker_idle_at_end_s"] = bench.worker_idle_at_end(result.batches)
+    table = bench.markdown_table(rows)
+    lines = [table, ""]
+    by_name = {r["system"]: r for r in rows}
+    for system, baseline, minimum in TARGETS:
+        if system in by_name and baseline in by_name:
+            ratio = by_name[system]["tokens_per_s"] / by_name[baseline]["tokens_per_s"]
+            verdict = "met" if ratio >= minimum else "MISSED"
+            lines.append(f"- {system} / {baseline}: {ratio:.2f}x (target >= {minimum}x) {verdict}")
+    for name in ("runner", "runner_2w"):
+        if name in by_name:
+            eff = by_name[name]["prompt_efficiency"]
+            lines.append(
+                f"- {name} prompt padding efficiency: {eff:.3f} (target >= 0.9) {'met' if eff >= 0.9 else 'MISSED'}"
+            )
+            idle = by_name[name].get("worker_idle_at_end_s") or {}
+            if len(idle) > 1:
+                shown = ", ".join(f"{w.split('/')[-1]} {s:.1f}s" for w, s in idle.items())
+                lines.append(f"- {name} idle at the end per worker: {shown} (run {by_name[name]['wall_s']:.1f}s)")
+    report = "\n".join(lines)
+    print("\n" + report)
+    (out / "benchmark.json").write_text(bench.to_json(rows, workload))
+    (out / "benchmark.md").write_text(f"Workload: {json.dumps(workload)}\n\n{report}\n")
+    print(f"\nwritten: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
