@@ -24,7 +24,8 @@ demo: model  ## run the demo job on the embedded model and print where the resul
 test: $(STAMP)  ## the default suite (unit + integration on CPU), well under 15 minutes
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)  ## the heavier runs marked slow
+test-slow: $(STAMP)  ## the heavier runs marked slow (installs pyspark for the Spark reader test)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'
 	$(BIN)/python -m pytest -m slow
 
 test-all: $(STAMP)

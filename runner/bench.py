@@ -20,7 +20,7 @@ class BatchRecord:
 
     ids: list[str]
     prompt_tokens: list[int]
-    padded_length: int
+    padded_prompt_tokens: int  # prompt positions the model read, padding included
     completion_tokens: list[int]  # tokens each row generated, EOS included, padding after EOS not
     completions: list[str]
     worker: str = "main"
@@ -63,7 +63,7 @@ def figures(result: SystemResult) -> dict[str, Any]:
     rows = sum(len(b.ids) for b in result.batches)
     generated = sum(sum(b.completion_tokens) for b in result.batches)
     real_prompt = sum(sum(b.prompt_tokens) for b in result.batches)
-    padded_prompt = sum(len(b.ids) * b.padded_length for b in result.batches)
+    padded_prompt = sum(b.padded_prompt_tokens for b in result.batches)
     # Generate runs every row of a batch until its longest row ends: rows x that many steps.
     row_steps = sum(len(b.ids) * max(b.completion_tokens, default=0) for b in result.batches)
     return {

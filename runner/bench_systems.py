@@ -98,7 +98,7 @@ def _record(row_ids: list[str], completions: list[str], call: dict[str, Any], wo
     return BatchRecord(
         ids=row_ids,
         prompt_tokens=call["prompt_tokens"],
-        padded_length=call["padded_length"],
+        padded_prompt_tokens=call["padded_length"] * len(row_ids),
         completion_tokens=call["completion_tokens"],
         completions=completions,
         worker=worker,
@@ -167,7 +167,7 @@ def ray_data(
     cpus: int,
     out_dir: Path,
 ) -> SystemResult:
-    """`ray.data.read_json(...).map_batches(<generator class>, batch_size=...).write_parquet(...)`."""
+    """`ray.data.read_json(...).map_batches(<generator class>, batch_size=..., compute=<1 actor>).write_parquet()`."""
     import os
     import shutil
 
@@ -201,7 +201,7 @@ def ray_data(
                 "max_new_tokens": max_new_tokens,
             },
             batch_size=batch_size,
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=cpus,
         )
         ds.write_parquet(str(out_dir))
@@ -217,7 +217,7 @@ def ray_data(
         BatchRecord(
             ids=[r["id"] for r in rows],
             prompt_tokens=[r["prompt_tokens"] for r in rows],
-            padded_length=rows[0]["padded_length"],
+            padded_prompt_tokens=sum(r["padded_length"] for r in rows),
             completion_tokens=[r["completion_tokens"] for r in rows],
             completions=[r["completion"] for r in rows],
             end_s=rows[0]["end_s"] - wall_start,
@@ -276,7 +276,7 @@ def runner_job(
         BatchRecord(
             ids=[r["id"] for r in group],
             prompt_tokens=[r["prompt_tokens"] for r in group],
-            padded_length=group[0]["padded_length"],
+            padded_prompt_tokens=sum(r["padded_length"] for r in group if r["sample_index"] == 0),
             completion_tokens=[r["completion_tokens"] for r in group],
             completions=[r["completion"] for r in group],
             worker=worker,

@@ -83,10 +83,10 @@ class BatchingConfig:
     # Padded tokens (prompt + max_new_tokens, per returned sequence) in one batch. None: each
     # worker derives it from its device's free memory and the model's KV-cache size per token.
     max_batch_tokens: int | None = None
-    max_batch_size: int = 64
+    max_batch_size: int = 128
     shard_size: int = 1000
-    # What one decode step of a batch costs, in prompt tokens: the planner opens another batch
-    # only where the padding it saves outweighs step_cost_tokens x max_new_tokens. 0: padding only.
+    # What one more forward pass costs, in prompt tokens: a batch's prompts are read in groups of
+    # similar length, and another group is started only where it saves more padding than this.
     step_cost_tokens: int = 64
 
 

@@ -98,7 +98,6 @@ def prepare(job: JobConfig, session: Session | None = None) -> PreparedJob:
         b.max_batch_tokens,
         b.max_batch_size,
         b.shard_size,
-        b.step_cost_tokens,
     )
     return PreparedJob(
         job,
@@ -237,7 +236,9 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         rows_total=prep.plan.num_rows * samples,
         rows_skipped=state.rows,
         totals=totals,
-        plan_padding_efficiency=plan.padding_efficiency(prep.plan, [len(x) for x in prep.input_ids]),
+        plan_padding_efficiency=plan.padding_efficiency(
+            prep.plan, [len(x) for x in prep.input_ids], job.batching.step_cost_tokens
+        ),
     )
 
 

@@ -69,16 +69,14 @@ def cut_batches(
     num_return_sequences: int,
     max_batch_tokens: int | None,
     max_batch_size: int,
-    step_cost_tokens: int = 0,
+    batch_overhead: int | None = None,
 ) -> list[Batch]:
-    """Cut rows, taken in `order` (longest first), into the cheapest batches that fit the limits.
+    """Cut rows, taken in `order` (longest first), into the cheapest consecutive batches that fit the limits.
 
-    A batch costs its padded prompt tokens (rows x its longest prompt) plus a fixed
-    `step_cost_tokens` x `max_new_tokens` for its decode loop: every decode step of a
-    batch costs about the same however few rows it holds. The cut that minimises the
-    sum is found exactly, by dynamic programming over the sorted rows: a new batch is
-    opened only where the padding it saves is worth another decode loop. With
-    `step_cost_tokens=0` only padding counts.
+    A batch costs its padded tokens (rows x its longest prompt) plus `batch_overhead`;
+    the cut minimising the sum is found exactly, by dynamic programming over the sorted
+    rows. `batch_overhead=None` means "a batch costs more than any padding": the fewest
+    batches, and among those the least padding.
 
     Every batch holds at most `max_batch_size` rows and, when `max_batch_tokens` is set,
     at most that many padded tokens (`batch_cost`); a row too long for the budget on
@@ -90,8 +88,9 @@ def cut_batches(
     if n == 0:
         return []
     width = np.array([lengths[r] for r in order], dtype=np.int64)  # non-increasing
-    per_batch = step_cost_tokens * max_new_tokens
-    best = np.zeros(n + 1, dtype=np.float64)  # best[i]: cheapest cut of the rows from i on
+    per_batch = int(width.sum()) * max_batch_size + 1 if batch_overhead is None else batch_overhead
+    never = np.iinfo(np.int64).max // 4
+    best = np.zeros(n + 1, dtype=np.int64)  # best[i]: cheapest cut of the rows from i on
     end = np.zeros(n + 1, dtype=np.int64)  # where the batch starting at row i ends
     for i in range(n - 1, -1, -1):
         stop = np.arange(i + 1, min(n, i + max_batch_size) + 1)  # candidate ends of the batch opening at row i
@@ -101,9 +100,9 @@ def cut_batches(
             held = rows * num_return_sequences * (width[i] + max_new_tokens)
             fits = held <= max_batch_tokens
             fits[0] = True  # a single row always gets a batch
-            cost = np.where(fits, cost, np.inf)
+            cost = np.where(fits, cost, never)
         k = len(stop) - 1 - int(np.argmin(cost[::-1]))  # ties: the longest batch, so early batches fill up
-        best[i], end[i] = cost[k], stop[k]
+        best[i], end[i] = min(cost[k], never), stop[k]
     bounds = []
     i = 0
     while i < n:
@@ -136,18 +135,15 @@ def plan_shards(
     max_batch_tokens: int | None,
     max_batch_size: int,
     shard_size: int,
-    step_cost_tokens: int = 0,
 ) -> Plan:
     """The whole plan: sort, cut batches, group shards, fingerprint."""
     if len(ids) != len(lengths):
         raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
     order = sort_by_length(lengths)
-    batches = cut_batches(
-        lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, step_cost_tokens
-    )
+    batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size)
     shards = group_shards(batches, shard_size)
     digest = hashlib.sha256()
-    settings = (max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, shard_size, step_cost_tokens)
+    settings = (max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, shard_size)
     digest.update(":".join(map(str, settings)).encode())
     for shard in shards:
         for batch in shard.batches:
@@ -167,8 +163,33 @@ def schedule_order(plan: Plan) -> list[Shard]:
     return sorted(plan.shards, key=lambda s: (-shard_cost(s, plan), s.shard_id))
 
 
-def padding_efficiency(plan: Plan, lengths: Sequence[int]) -> float:
-    """Real prompt tokens / padded prompt tokens over the whole plan (1.0 = no padding)."""
-    real = sum(lengths[r] for s in plan.shards for b in s.batches for r in b.rows)
-    padded = sum(len(b.rows) * b.padded_length for s in plan.shards for b in s.batches)
+def padding_efficiency(plan: Plan, lengths: Sequence[int], step_cost_tokens: int | None = None) -> float:
+    """Real prompt tokens / padded prompt tokens over the whole plan (1.0 = no padding).
+
+    With `step_cost_tokens`, each batch's prompts count as read in their prefill groups
+    (what the worker does); without, as one piece padded to the batch's longest prompt.
+    """
+    real = padded = 0
+    for shard in plan.shards:
+        for b in shard.batches:
+            widths = [lengths[r] for r in b.rows]
+            real += sum(widths)
+            if step_cost_tokens is None:
+                padded += len(widths) * b.padded_length
+            else:
+                groups = prefill_groups(widths, step_cost_tokens)
+                padded += sum(len(g) * max(widths[r] for r in g) for g in groups)
     return real / padded if padded else 1.0
+
+
+def prefill_groups(lengths: Sequence[int], step_cost_tokens: int) -> list[list[int]]:
+    """Split one batch into prefill groups: positions of rows run through one forward pass together.
+
+    The batch decodes as one, but its prompts are read in groups of similar length, each
+    padded only to its own longest prompt. A group costs its padded tokens plus
+    `step_cost_tokens` (what one more forward pass costs, in prompt tokens); the cheapest
+    split is found exactly (`cut_batches`).
+    """
+    order = sort_by_length(lengths)
+    groups = cut_batches(lengths, order, 1, 1, None, max(1, len(lengths)), step_cost_tokens)
+    return [list(g.rows) for g in groups]

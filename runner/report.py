@@ -90,14 +90,16 @@ def batch_table(rows: Any) -> Any:
         rows=("id", "nunique"),
         sequences=("id", "size"),
         batch_size=("batch_size", "first"),
-        padded_length=("padded_length", "first"),
+        padded_length=("padded_length", "max"),
         latency_s=("latency_s", "first"),
         completion_tokens=("completion_tokens", "sum"),
         longest=("completion_tokens", "max"),
     ).reset_index()
     first_samples = rows[rows["sample_index"] == 0].groupby(["run", "worker", "batch_id", "created_at"], sort=False)
     batches["prompt_tokens"] = first_samples["prompt_tokens"].sum().values
-    batches["prompt_efficiency"] = batches["prompt_tokens"] / (batches["rows"] * batches["padded_length"])
+    # each row's prompt was padded to its padded_length when read (rows of one batch may be read in groups)
+    batches["padded_prompt_tokens"] = first_samples["padded_length"].sum().values
+    batches["prompt_efficiency"] = batches["prompt_tokens"] / batches["padded_prompt_tokens"]
     steps = batches["sequences"] * batches["longest"].clip(lower=1)
     batches["generation_efficiency"] = batches["completion_tokens"] / steps
     return batches.sort_values("created_at").reset_index(drop=True)
@@ -122,9 +124,7 @@ def summarize(rows: Any, batches: Any) -> dict[str, Any]:
         "completion_tokens_mean": float(rows["completion_tokens"].fillna(0).mean()),
         "completion_tokens_total": int(rows["completion_tokens"].fillna(0).sum()),
         "finish_reasons": {str(k): int(v) for k, v in rows["finish_reason"].value_counts().items()},
-        "prompt_padding_efficiency": float(
-            batches["prompt_tokens"].sum() / (batches["rows"] * batches["padded_length"]).sum()
-        ),
+        "prompt_padding_efficiency": float(batches["prompt_tokens"].sum() / batches["padded_prompt_tokens"].sum()),
         "generation_efficiency": float(
             batches["completion_tokens"].sum() / (batches["sequences"] * batches["longest"].clip(lower=1)).sum()
         ),

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from runner import output
+from runner import output, plan
 from runner.config import JobConfig
 
 # Transformers' own defaults when sampling and the config leaves a value unset.
@@ -74,9 +74,10 @@ class BatchStats:
     padded_prompt_tokens: int
     completion_tokens: int
     generated_steps: int  # sequences x decode steps the batch ran (generation-side cost)
-    padded_length: int
+    padded_length: int  # the batch's widest prompt, as held in the KV cache
     latency_s: float
     oom_splits: int = 0  # times this batch's rows were split after running out of memory
+    row_padded: list[int] | None = None  # per row: the width its prompt was padded to when read
 
 
 def worker_name(index: int) -> str:
@@ -158,7 +159,8 @@ class ShardGenerator:
                 for i, result in enumerate(results):
                     row = start + offset + i // per_row
                     carry_rows.append(row)
-                    self._append_row(columns, task, row, i % per_row, result, batch_id, stats, created)
+                    padded = stats.row_padded[i // per_row] if stats.row_padded else stats.padded_length
+                    self._append_row(columns, task, row, i % per_row, result, batch_id, stats, padded, created)
                 yield {
                     "event": "batch",
                     "worker": self.name,
@@ -176,7 +178,7 @@ class ShardGenerator:
             "rows": table.num_rows,
         }
 
-    def _append_row(self, columns, task, row, sample, result, batch_id, stats, created) -> None:
+    def _append_row(self, columns, task, row, sample, result, batch_id, stats, padded, created) -> None:
         values = {
             "id": task.ids[row],
             "sample_index": sample,
@@ -190,7 +192,7 @@ class ShardGenerator:
             "shard_id": task.shard_id,
             "batch_id": batch_id,
             "batch_size": stats.rows,
-            "padded_length": stats.padded_length,
+            "padded_length": padded,
             "latency_s": stats.latency_s,
             "created_at": created,
             **self.static_columns,
@@ -265,18 +267,29 @@ class ShardGenerator:
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def generate_batch(self, input_ids: list[list[int]], batch_id: int) -> tuple[list[SequenceResult], BatchStats]:
-        """Left-pad one batch, generate, and decode the new tokens of every sequence."""
+        """Read the batch's prompts, generate, and decode the new tokens of every sequence.
+
+        The whole batch decodes together (one decode loop, the costly part of generation),
+        but its prompts are read in groups of similar length (`plan.prefill_groups`), each
+        left-padded only to its own longest prompt; their KV caches are then left-padded to
+        one width and joined. A batch of one group is simply left-padded and generated.
+        """
         import torch
 
         started = time.perf_counter()
-        ids, mask = left_pad(input_ids, self.tokenizer.pad_token_id)
         gen = self.setup.job.generation
+        groups = plan.prefill_groups([len(x) for x in input_ids], self.setup.job.batching.step_cost_tokens)
+        ids, mask = left_pad(input_ids, self.tokenizer.pad_token_id)
         if gen.do_sample:
             torch.manual_seed(batch_seed(gen.seed, batch_id))
         with torch.inference_mode():
+            cache, row_padded = None, [int(ids.shape[1])] * len(input_ids)
+            if len(groups) > 1 and min(map(len, input_ids)) > 1:
+                cache, row_padded = self.prefill(input_ids, groups, int(ids.shape[1]))
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
+                past_key_values=cache,
                 generation_config=self.generation_config,
                 tokenizer=self.tokenizer if gen.stop_strings else None,
             )
@@ -287,13 +300,66 @@ class ShardGenerator:
             rows=len(input_ids),
             sequences=len(results),
             prompt_tokens=sum(len(x) for x in input_ids),
-            padded_prompt_tokens=ids.numel(),
+            padded_prompt_tokens=sum(row_padded),
             completion_tokens=sum(r.completion_tokens for r in results),
             generated_steps=steps * len(results),
             padded_length=int(ids.shape[1]),
             latency_s=time.perf_counter() - started,
+            row_padded=row_padded,
         )
         return results, stats
+
+    def prefill(self, input_ids: list[list[int]], groups: list[list[int]], width: int) -> tuple[Any, list[int]]:
+        """KV caches of every prompt but its last token, read group by group, joined left-padded to `width - 1`.
+
+        `generate` then feeds each row's last token and decodes the batch as one. Returns
+        (None, ...) when the model's cache is not a plain per-layer cache that can be joined
+        (sliding-window or hybrid models): the batch is then read in one piece.
+        """
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        pad = self.tokenizer.pad_token_id
+        keys: list[list[Any]] = []
+        values: list[list[Any]] = []
+        order: list[int] = []
+        row_padded = [0] * len(input_ids)
+        joined = None
+        for group in groups:
+            ids, mask = left_pad([input_ids[r][:-1] for r in group], pad)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate computes for left padding
+            cache = DynamicCache(config=self.model.config)
+            self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            if any(type(layer) is not DynamicLayer for layer in cache.layers):
+                return None, [width] * len(input_ids)
+            left = width - 1 - ids.shape[1]
+            for k, layer in enumerate(cache.layers):
+                if len(keys) <= k:
+                    keys.append([])
+                    values.append([])
+                keys[k].append(torch.nn.functional.pad(layer.keys, (0, 0, left, 0)))
+                values[k].append(torch.nn.functional.pad(layer.values, (0, 0, left, 0)))
+            order += group
+            for r in group:
+                row_padded[r] = ids.shape[1] + 1
+            if joined is None:
+                joined = cache
+        back = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=self.device)  # to batch order
+        for k, layer in enumerate(joined.layers):
+            layer.keys = torch.cat(keys[k]).index_select(0, back)
+            layer.values = torch.cat(values[k]).index_select(0, back)
+        samples = self.setup.job.generation.num_return_sequences
+        if samples > 1:
+            joined.batch_repeat_interleave(samples)
+        return joined, row_padded
 
 
 def out_of_memory_errors() -> tuple[type[BaseException], ...]:

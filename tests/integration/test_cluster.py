@@ -102,6 +102,24 @@ print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
     assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
 
 
+def test_the_readmes_ray_job_submit_command_runs_on_the_cluster(two_nodes, tmp_path):
+    """The README's `ray job submit` line, verbatim but for the test cluster's port, a small job and the output dir."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"(RAY_AUTH_MODE=token ray job submit .*?)\n```", readme, re.S).group(1).replace("\\\n", " ")
+    out = tmp_path / "run1"
+    command = command.replace("127.0.0.1:8265", "127.0.0.1:8266").replace("/tmp/out/run1", str(out))
+    command += " dataset.limit=4 generation.max_new_tokens=4"
+    ray_bin = str(REPO / ".venv" / "bin")
+    env = {**ENV, "PATH": ray_bin + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    rows = sum(pq.read_table(f).num_rows for f in out.glob("*.parquet"))
+    assert rows == 4
+
+
 # Last in the module: it takes the shared cluster's second node away.
 def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
     out = tmp_path / "run"

@@ -1,5 +1,8 @@
 """Greedy output from length-sorted, left-padded batches equals generating each prompt alone.
 
+This holds too where a batch's prompts are read in groups of similar length whose KV
+caches are then joined (`ShardGenerator.prefill`).
+
 The embedded SmolLM2-135M-Instruct in 4-bit NF4 (the default path), float32
 compute on the CPU. Tolerance: none. The prompts are 20 from the shared T0
 mix, spread from the shortest to about 500 tokens, so every batch mixes
@@ -39,11 +42,13 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     assert max(lengths) > 10 * min(lengths)  # very different lengths, so padding is real
 
     plan = plan_shards([str(i) for i in chosen], lengths, MAX_NEW_TOKENS, 1, 10**6, 7, 1000)
-    batched = {}
+    batched, read_in_groups = {}, 0
     for batch in plan.shards[0].batches:
         assert len(set(lengths[r] for r in batch.rows)) > 1
-        results, _ = gen.generate_batch([prompts[r] for r in batch.rows], batch.batch_id)
+        results, stats = gen.generate_batch([prompts[r] for r in batch.rows], batch.batch_id)
         batched.update({r: res for r, res in zip(batch.rows, results)})
+        read_in_groups += len(set(stats.row_padded)) > 1
+    assert read_in_groups  # some batches had their prompts read in groups, their KV caches joined
     alone = {r: gen.generate_batch([prompts[r]], 0)[0][0] for r in range(PROMPTS)}
 
     mismatched = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from runner.plan import batch_cost, padding_efficiency, plan_shards, schedule_order, shard_cost
+from runner.plan import batch_cost, padding_efficiency, plan_shards, prefill_groups, schedule_order, shard_cost
 
 
 def make_plan(lengths, max_new=16, nrs=1, budget=1000, size=8, shard=10):
@@ -73,8 +73,9 @@ def test_sorting_cuts_padding_against_input_order():
     assert padding_efficiency(plan, lengths) > 0.9
 
 
-def _brute_force_cost(lengths, max_new, step_cost, size, budget):
-    """The cheapest cut of the sorted rows, by trying every cut (small inputs only)."""
+def _brute_force_best(lengths, max_new, overhead, size, budget):
+    """The best cut of the sorted rows by trying every cut (small inputs only): (batches, padded) when
+    overhead is None (fewest batches, then least padding), else padded + overhead per batch."""
     widths = sorted(lengths, reverse=True)
     n = len(widths)
     best = None
@@ -83,37 +84,45 @@ def _brute_force_cost(lengths, max_new, step_cost, size, budget):
         spans = list(zip(cuts, cuts[1:]))
         if any(j - i > size or (j - i > 1 and (j - i) * (widths[i] + max_new) > budget) for i, j in spans):
             continue
-        cost = sum((j - i) * widths[i] + step_cost * max_new for i, j in spans)
-        best = cost if best is None else min(best, cost)
+        padded = sum((j - i) * widths[i] for i, j in spans)
+        key = (len(spans), padded) if overhead is None else padded + overhead * len(spans)
+        best = key if best is None else min(best, key)
     return best
 
 
-def test_batches_are_the_cheapest_cut_padding_plus_decode_loops():
+def test_batches_are_the_fewest_that_fit_then_the_least_padded():
     rng = random.Random(7)
     for _ in range(200):
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
-        max_new, step_cost = rng.randint(1, 6), rng.randint(0, 12)
-        size, budget = rng.randint(1, 6), rng.randint(20, 300)
-        plan = plan_shards([str(i) for i in range(len(lengths))], lengths, max_new, 1, budget, size, 100, step_cost)
+        max_new, size, budget = rng.randint(1, 6), rng.randint(1, 6), rng.randint(20, 300)
+        plan = plan_shards([str(i) for i in range(len(lengths))], lengths, max_new, 1, budget, size, 100)
         batches = [b for s in plan.shards for b in s.batches]
-        cost = sum(len(b.rows) * b.padded_length + step_cost * max_new for b in batches)
-        assert cost == _brute_force_cost(lengths, max_new, step_cost, size, budget)
+        got = (len(batches), sum(len(b.rows) * b.padded_length for b in batches))
+        assert got == _brute_force_best(lengths, max_new, None, size, budget)
         assert sorted(r for b in batches for r in b.rows) == list(range(len(lengths)))
 
 
-def test_step_cost_trades_padding_for_fewer_batches():
+def test_prefill_groups_are_the_cheapest_split_padding_plus_forward_passes():
     rng = random.Random(8)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+        step_cost = rng.randint(0, 40)
+        groups = prefill_groups(lengths, step_cost)
+        assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+        cost = sum(len(g) * max(lengths[r] for r in g) + step_cost for g in groups)
+        assert cost == _brute_force_best(lengths, 0, step_cost, len(lengths), 10**9)
+
+
+def test_grouped_prefill_reads_a_mixed_batch_with_little_padding():
+    rng = random.Random(9)
     lengths = [rng.randint(8, 1000) for _ in range(256)]
-    by_cost = {
-        cost: plan_shards([str(i) for i in range(256)], lengths, 32, 1, None, 64, 1000, cost) for cost in (0, 16, 128)
-    }
-    batches = {c: p.num_batches for c, p in by_cost.items()}
-    efficiency = {c: padding_efficiency(p, lengths) for c, p in by_cost.items()}
-    assert batches[0] > batches[16] > batches[128] >= 256 // 64
-    assert efficiency[0] == 1.0 and efficiency[0] > efficiency[16] > efficiency[128]
-    assert efficiency[16] >= 0.9
+    plan = plan_shards([str(i) for i in range(256)], lengths, 32, 1, None, 128, 1000)
+    assert plan.num_batches == 2  # fewest batches: decode loops are the costly part
+    assert padding_efficiency(plan, lengths) < 0.7  # one piece per batch: much padding
+    assert padding_efficiency(plan, lengths, step_cost_tokens=64) > 0.9  # read in groups
+    assert padding_efficiency(plan, lengths, step_cost_tokens=0) == 1.0
 
 
 def test_without_a_token_budget_only_the_row_cap_limits_a_batch():
-    plan = plan_shards(["a", "b", "c"], [5000, 4000, 4000], 16, 1, None, 8, 10, 10**6)
+    plan = plan_shards(["a", "b", "c"], [5000, 4000, 4000], 16, 1, None, 8, 10)
     assert [b.rows for s in plan.shards for b in s.batches] == [(0, 1, 2)]

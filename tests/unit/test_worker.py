@@ -185,3 +185,23 @@ def test_a_stop_string_ends_the_completion_just_before_it(embedded_model_dir, tm
     assert result.finish_reason == "stop"
     assert result.completion == full[: full.index(stop)]
     assert result.completion_tokens < len(plain.tokenizer.encode(full, add_special_tokens=False))
+
+
+def test_prompts_read_in_groups_decode_exactly_as_one_padded_batch(embedded_model_dir, tmp_path):
+    """Joined per-group KV caches give the same greedy tokens as reading the whole batch at once."""
+    words = "the history of the city and its river, told in many small parts " * 12
+    input_ids_of = [len(words) // k for k in (1, 2, 5, 9, 30)]
+    grouped = make_generator(embedded_model_dir, tmp_path / "a", max_new_tokens=6, chat_template="none")
+    grouped.setup.job.batching.step_cost_tokens = 0  # padding only: every distinct length is a group
+    tok = grouped.tokenizer
+    input_ids = [tok.encode(words[:n]) for n in input_ids_of]
+    by_groups, stats = grouped.generate_batch(input_ids, 0)
+    assert len(set(stats.row_padded)) == len(input_ids)  # really read in five groups
+    assert stats.row_padded == [len(x) for x in input_ids]
+    assert stats.padded_prompt_tokens == sum(len(x) for x in input_ids)
+    grouped.setup.job.batching.step_cost_tokens = 10**9  # one group: the plain left-padded batch
+    at_once, plain = grouped.generate_batch(input_ids, 0)
+    assert set(plain.row_padded) == {max(len(x) for x in input_ids)}
+    assert [(r.completion, r.completion_tokens) for r in by_groups] == [
+        (r.completion, r.completion_tokens) for r in at_once
+    ]

@@ -1,0 +1,64 @@
+"""Slow: the benchmark scripts end to end on a small workload, and Spark reading a run's output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, T0_MIX
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", "--n", "6", "--max-new-tokens", "4", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    systems = {r["system"]: r for r in report["systems"]}
+    assert set(systems) == {"plain", "sorted", "pipeline", "ray_data", "runner", "runner_2w"}
+    assert all(r["rows"] == 6 and r["agreement"] == 1.0 and r["tokens_per_s"] > 0 for r in systems.values())
+    assert len({r["prompt_tokens"] for r in systems.values()}) == 1  # every system saw the same prompts
+    assert "| runner |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_the_sweep_benchmark_runs(tmp_path):
+    args = ["jobs/bench_sweep.py", "--rows", "4", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text())["points"] == 3
+
+
+def test_spark_reads_a_run_as_the_readme_shows(tmp_path):
+    pyspark = pytest.importorskip("pyspark", reason="make test-slow installs pyspark (the [spark] extra)")
+    assert pyspark
+    prompts = tmp_path / "prompts.jsonl"
+    with open(T0_MIX) as f:
+        prompts.write_text("".join(next(f) for _ in range(6)))
+    out = tmp_path / "out" / "run1"
+    generate = [sys.executable, "jobs/generate.py", f"dataset.path={prompts}", "generation.max_new_tokens=4"]
+    result = subprocess.run([*generate, f"output.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "pyspark" in b)
+    check = block + (
+        "\nimport duckdb\n"
+        "rows = spark.read.parquet('out/run1/*.parquet')\n"
+        "expected = duckdb.sql(\"SELECT count(*), sum(completion_tokens) FROM 'out/run1/*.parquet'\").fetchall()[0]\n"
+        "got = rows.selectExpr('count(*)', 'sum(completion_tokens)').collect()[0]\n"
+        "assert tuple(got) == tuple(expected), (got, expected)\n"
+        "assert dict(rows.dtypes)['created_at'] == 'timestamp' and dict(rows.dtypes)['prompt_tokens'] == 'int'\n"
+        "print('spark ok', tuple(got))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spark ok (6," in result.stdout
