@@ -132,5 +132,32 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str = "plain") -> str:
     return "\n".join(lines)
 
 
+# (system, baseline, minimum speed-up) and the least prompt-side padding efficiency, from the issue
+SPEEDUP_TARGETS = [("runner", "plain", 2.0), ("runner", "ray_data", 1.2), ("runner", "sorted", 1.1)]
+PROMPT_EFFICIENCY_TARGET = 0.9
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per target (met or MISSED) and, for a run with several workers, each one's idle time at the end."""
+    by_name = {r["system"]: r for r in rows}
+    lines = []
+    for system, baseline, minimum in SPEEDUP_TARGETS:
+        if system in by_name and baseline in by_name and by_name[baseline]["tokens_per_s"]:
+            ratio = by_name[system]["tokens_per_s"] / by_name[baseline]["tokens_per_s"]
+            verdict = "met" if ratio >= minimum else "MISSED"
+            lines.append(f"- {system} / {baseline}: {ratio:.2f}x (target >= {minimum}x) {verdict}")
+    for name in ("runner", "runner_2w"):
+        if name not in by_name:
+            continue
+        eff = by_name[name]["prompt_efficiency"]
+        verdict = "met" if eff >= PROMPT_EFFICIENCY_TARGET else "MISSED"
+        lines.append(f"- {name} prompt padding efficiency: {eff:.3f} (target >= {PROMPT_EFFICIENCY_TARGET}) {verdict}")
+        idle = by_name[name].get("worker_idle_at_end_s") or {}
+        if len(idle) > 1:
+            shown = ", ".join(f"{w.split('/')[-1]} {s:.1f}s" for w, s in idle.items())
+            lines.append(f"- {name} idle at the end per worker: {shown} (run {by_name[name]['wall_s']:.1f}s)")
+    return lines
+
+
 def to_json(rows: list[dict[str, Any]], workload: dict[str, Any]) -> str:
     return json.dumps({"workload": workload, "systems": rows}, indent=2, default=str)

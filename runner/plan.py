@@ -136,11 +136,16 @@ def plan_shards(
     max_batch_size: int,
     shard_size: int,
 ) -> Plan:
-    """The whole plan: sort, cut batches, group shards, fingerprint."""
+    """The whole plan: sort, cut batches, group shards, fingerprint.
+
+    A batch never holds more rows than a shard (`shard_size`): a shard is the unit of
+    work a worker takes, so a small shard size spreads even a small job over every worker.
+    """
     if len(ids) != len(lengths):
         raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
     order = sort_by_length(lengths)
-    batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size)
+    rows_per_batch = min(max_batch_size, shard_size)
+    batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch)
     shards = group_shards(batches, shard_size)
     digest = hashlib.sha256()
     settings = (max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, shard_size)

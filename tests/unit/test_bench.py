@@ -14,6 +14,7 @@ from runner.bench import (
     fixed_batches,
     markdown_table,
     select_workload,
+    verdicts,
     worker_idle_at_end,
 )
 
@@ -61,3 +62,23 @@ def test_workload_takes_the_first_rows_under_the_cap_and_batches_are_consecutive
 def test_completion_length_counts_up_to_the_first_end_token():
     assert completion_length([5, 6, 2, 2, 2], {2}) == 3
     assert completion_length([5, 6, 7], {2}) == 3
+
+
+def test_verdicts_say_which_targets_were_met_and_show_idle_workers():
+    rows = [
+        {"system": "plain", "tokens_per_s": 10.0},
+        {"system": "sorted", "tokens_per_s": 20.0},
+        {
+            "system": "runner",
+            "tokens_per_s": 21.0,
+            "prompt_efficiency": 0.95,
+            "wall_s": 100.0,
+            "worker_idle_at_end_s": {"h/w0-1": 0.0, "h/w1-2": 3.5},
+        },
+    ]
+    lines = verdicts(rows)
+    assert "- runner / plain: 2.10x (target >= 2.0x) met" in lines
+    assert "- runner / sorted: 1.05x (target >= 1.1x) MISSED" in lines
+    assert not any("ray_data" in line for line in lines)  # not run, not judged
+    assert "- runner prompt padding efficiency: 0.950 (target >= 0.9) met" in lines
+    assert "- runner idle at the end per worker: w0-1 0.0s, w1-2 3.5s (run 100.0s)" in lines

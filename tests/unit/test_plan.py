@@ -126,3 +126,9 @@ def test_grouped_prefill_reads_a_mixed_batch_with_little_padding():
 def test_without_a_token_budget_only_the_row_cap_limits_a_batch():
     plan = plan_shards(["a", "b", "c"], [5000, 4000, 4000], 16, 1, None, 8, 10)
     assert [b.rows for s in plan.shards for b in s.batches] == [(0, 1, 2)]
+
+
+def test_a_batch_never_holds_more_rows_than_a_shard():
+    plan = plan_shards([str(i) for i in range(100)], [10] * 100, 16, 1, None, 128, 25)
+    assert [len(b.rows) for s in plan.shards for b in s.batches] == [25, 25, 25, 25]
+    assert len(plan.shards) == 4
