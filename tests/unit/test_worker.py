@@ -205,3 +205,14 @@ def test_prompts_read_in_groups_decode_exactly_as_one_padded_batch(embedded_mode
     assert [(r.completion, r.completion_tokens) for r in by_groups] == [
         (r.completion, r.completion_tokens) for r in at_once
     ]
+
+
+def test_several_samples_per_row_decode_from_joined_caches(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=5, do_sample=True, num_return_sequences=2, seed=3)
+    gen.setup.job.batching.step_cost_tokens = 0
+    input_ids = [gen.tokenizer.encode("word " * n) for n in (30, 12, 3)]
+    results, stats = gen.generate_batch(input_ids, 0)
+    assert len(set(stats.row_padded)) == 3 and len(results) == 6 and stats.sequences == 6
+    assert all(r.finish_reason in ("stop", "length") and r.completion_tokens >= 1 for r in results)
+    again, _ = gen.generate_batch(input_ids, 0)  # the batch's seed makes sampling repeatable
+    assert [r.completion for r in again] == [r.completion for r in results]
