@@ -66,9 +66,14 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
         threads = None
     else:
         cpus = int(resources.get("CPU", 1))
-        if cluster.cpus_per_worker > cpus:
+        per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        largest = max(per_node, default=cpus)
+        if cluster.cpus_per_worker > largest:
             raise ConfigError(
-                [f"cluster.cpus_per_worker={cluster.cpus_per_worker}: the cluster has only {cpus} CPUs; lower it"]
+                [
+                    f"cluster.cpus_per_worker={cluster.cpus_per_worker}: no node of the cluster has that many CPUs "
+                    f"(the largest has {largest}, {cpus} in all); lower it"
+                ]
             )
         count = cluster.num_workers or max(1, cpus // cluster.cpus_per_worker)
         options = {"num_cpus": cluster.cpus_per_worker}

@@ -110,7 +110,7 @@ def test_the_readmes_ray_job_submit_command_runs_on_the_cluster(two_nodes, tmp_p
     command = re.search(r"(RAY_AUTH_MODE=token ray job submit .*?)\n```", readme, re.S).group(1).replace("\\\n", " ")
     out = tmp_path / "run1"
     command = command.replace("127.0.0.1:8265", "127.0.0.1:8266").replace("/tmp/out/run1", str(out))
-    command += " dataset.limit=4 generation.max_new_tokens=4"
+    command += " dataset.limit=4 generation.max_new_tokens=4 cluster.cpus_per_worker=1"  # 1-CPU nodes
     ray_bin = str(REPO / ".venv" / "bin")
     env = {**ENV, "PATH": ray_bin + os.pathsep + os.environ.get("PATH", "")}
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -118,6 +118,14 @@ def test_the_readmes_ray_job_submit_command_runs_on_the_cluster(two_nodes, tmp_p
     assert "succeeded" in (result.stdout + result.stderr).lower()
     rows = sum(pq.read_table(f).num_rows for f in out.glob("*.parquet"))
     assert rows == 4
+
+
+def test_a_worker_larger_than_any_node_is_refused_at_once(two_nodes, prompts, tmp_path):
+    """Two 1-CPU nodes hold 2 CPUs in all, yet no 2-CPU worker fits on either: say so, do not wait."""
+    args = job_args(prompts, tmp_path / "run", f"cluster.address={two_nodes}", "cluster.cpus_per_worker=2")
+    result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cluster.cpus_per_worker=2: no node of the cluster has that many CPUs (the largest has 1" in result.stderr
 
 
 # Last in the module: it takes the shared cluster's second node away.
