@@ -209,7 +209,7 @@ def ray_data(
     finally:
         ray.shutdown()
     table = pq.read_table(str(out_dir)).to_pylist()
-    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_ADDRESS", None)  # ray.init exports it; the runner's own Ray start must not join this one
     batches: dict[str, list[dict[str, Any]]] = {}
     for row in table:
         batches.setdefault(row["batch_key"], []).append(row)

@@ -330,6 +330,8 @@ class ShardGenerator:
             ids, mask = left_pad([input_ids[r][:-1] for r in group], pad)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate computes for left padding
             cache = DynamicCache(config=self.model.config)
+            if any(type(layer) is not DynamicLayer for layer in cache.layers):  # known before any forward pass
+                return None, [width] * len(input_ids)
             self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -338,8 +340,6 @@ class ShardGenerator:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                return None, [width] * len(input_ids)
             left = width - 1 - ids.shape[1]
             for k, layer in enumerate(cache.layers):
                 if len(keys) <= k:
