@@ -60,6 +60,7 @@ class SequenceResult:
     completion_tokens: int | None
     finish_reason: str  # stop, length, or error
     error: str | None = None
+    tokens: list[int] | None = None  # the generated token ids up to where the sequence ended
 
 
 class RowFailedError(RuntimeError):
@@ -442,10 +443,11 @@ def finish(tokens: list[int], end_ids: tuple[set[int], int], tokenizer: Any, sto
     text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
     hits = [text.find(s) for s in stop_strings if s in text]
     if hits:
-        return SequenceResult(text[: min(hits)], end, "stop")
+        return SequenceResult(text[: min(hits)], end, "stop", tokens=tokens[:end])
     if end < len(tokens):
-        return SequenceResult(text, end + 1 if tokens[end] in eos_ids else end, "stop")
-    return SequenceResult(text, end, "length")
+        counted = end + 1 if tokens[end] in eos_ids else end
+        return SequenceResult(text, counted, "stop", tokens=tokens[:counted])
+    return SequenceResult(text, end, "length", tokens=tokens)
 
 
 def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name: str) -> dict[str, Any]:
