@@ -10,7 +10,7 @@ from runner.config import ConfigError, to_job_config
 
 log = logging.getLogger("runner")
 EXAMPLES = 3
-_session = None  # one per process: a Hydra sweep reuses Ray, the workers and the tokenized input
+_session = None  # one per process: a Hydra sweep reuses Ray, the workers and the prepared input
 
 
 def process_session():
@@ -44,6 +44,19 @@ def generate(cfg: Any) -> int:
     print_examples(summary.output_dir)
     query = f"SELECT id, finish_reason, completion FROM read_parquet('{summary.output_dir}/*.parquet')"
     print(f'\nquery it:  python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
+    return 0
+
+
+def plan(cfg: Any) -> int:
+    """Dry run: print the plan of the job a Hydra config describes. Exits with 2 on bad config or input."""
+    from runner.dryrun import dry_run
+
+    try:
+        report = dry_run(to_job_config(cfg))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report.describe())
     return 0
 
 

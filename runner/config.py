@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], title: str = "invalid job config"):
         self.problems = list(problems)
+        self.title = title
         lines = [f"{title} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):"]
         lines += [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
@@ -88,6 +89,9 @@ class BatchingConfig:
     # What one more forward pass costs, in prompt tokens: a batch's prompts are read in groups of
     # similar length, and another group is started only where it saves more padding than this.
     step_cost_tokens: int = 64
+    # Rows sorted by length together: the input streams through in windows of this many rows,
+    # each sorted and planned on its own (a global sort would hold every prompt's length first).
+    sort_window: int = 65536
 
 
 @dataclass
@@ -95,7 +99,8 @@ class ClusterConfig:
     address: str | None = None
     # None: one worker per GPU, or on a CPU-only cluster total CPUs // cpus_per_worker.
     num_workers: int | None = None
-    cpus_per_worker: int = 2
+    # CPUs (and torch threads) of a CPU worker; None: 2, or fewer where every node is smaller.
+    cpus_per_worker: int | None = None
 
 
 @dataclass
@@ -172,7 +177,10 @@ def validate(job: JobConfig) -> JobConfig:
 def _dataset_problems(d: DatasetConfig) -> list[str]:
     problems = []
     if not str(d.path).strip():
-        problems.append("dataset.path='': must be a local file (.jsonl/.json/.csv/.parquet) or a Hub dataset name")
+        problems.append(
+            "dataset.path='': must be a .jsonl/.json/.csv/.parquet file, a folder or pattern of them, an "
+            "s3://, gs:// or file:// URI, or a Hub dataset name"
+        )
     if d.prompt_column and d.messages_column:
         problems.append(
             f"dataset.prompt_column={d.prompt_column!r} and dataset.messages_column={d.messages_column!r}: "
@@ -238,6 +246,8 @@ def _batching_problems(b: BatchingConfig, g: GenerationSettings) -> list[str]:
         problems.append(f"batching.max_batch_size={b.max_batch_size}: must be >= 1")
     if b.shard_size < 1:
         problems.append(f"batching.shard_size={b.shard_size}: must be >= 1")
+    if b.sort_window < 1:
+        problems.append(f"batching.sort_window={b.sort_window}: must be >= 1 (rows sorted by length together)")
     if b.step_cost_tokens < 0:
         problems.append(f"batching.step_cost_tokens={b.step_cost_tokens}: must be >= 0 (0 counts padding only)")
     if b.max_batch_tokens is None:
@@ -258,8 +268,8 @@ def _cluster_problems(c: ClusterConfig) -> list[str]:
     problems = []
     if c.num_workers is not None and c.num_workers < 1:
         problems.append(f"cluster.num_workers={c.num_workers}: must be >= 1, or null for one per GPU/CPU slot")
-    if c.cpus_per_worker < 1:
-        problems.append(f"cluster.cpus_per_worker={c.cpus_per_worker}: must be >= 1")
+    if c.cpus_per_worker is not None and c.cpus_per_worker < 1:
+        problems.append(f"cluster.cpus_per_worker={c.cpus_per_worker}: must be >= 1, or null to fit the nodes")
     return problems
 
 

@@ -1,9 +1,12 @@
 """The output contract: Arrow schema, atomic shard files, the manifest, resume.
 
-A finished run's directory holds `part-*.parquet` files (never a partial file
-under a `.parquet` name) and `manifest.json`, written last. Files are written
-under a hidden temporary name and renamed into place, so a reader or a rerun
-only ever sees whole shards. `output.dir` is a local path or any URI that
+A finished run's directory is a Parquet dataset: `part-*.parquet` files (never a
+partial file under a `.parquet` name), and everything else named with a leading
+underscore, which readers skip: `_manifest.json`, written last, and the report in
+`_report/`. Files are written under a hidden temporary name and renamed into place,
+so a reader or a rerun only ever sees whole shards. A shard's file name holds its
+number and its fingerprint (content, batching and config), so a rerun finds what is
+committed from one listing of the directory. `output.dir` is a local path or any URI that
 pyarrow's filesystems accept (file://, s3://, gs://).
 """
 
@@ -23,11 +26,14 @@ import pyarrow.parquet as pq
 
 from runner.config import ConfigError
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # what runs before the Parquet-dataset layout wrote
+SHARD_NAME = re.compile(r"^part-(\d{6})-([0-9a-f]{12})\.parquet$")
 META_CONFIG = b"runner.config"
 META_CONFIG_HASH = b"runner.config_hash"
 META_PLAN = b"runner.plan_fingerprint"
 META_RUN_ID = b"runner.run_id"
+META_TOTALS = b"runner.shard_totals"  # rows and token counts of the file, so a manifest needs no column reads
 # "hf_token" or "api_key" are secrets; "max_new_tokens" is not.
 SECRET_KEY = re.compile(r"(^|_)token$|secret|passw|api_?key|credential|auth", re.IGNORECASE)
 
@@ -73,12 +79,14 @@ def output_schema(carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None =
     return pa.schema(BASE_FIELDS + list(carry_schema), metadata=metadata)
 
 
-def file_metadata(config: dict[str, Any], config_hash: str, plan_fingerprint: str, run_id: str) -> dict[bytes, bytes]:
-    """Key-value metadata stored in each Parquet file (the resolved config, secrets redacted)."""
+def file_metadata(config: dict[str, Any], config_hash: str, run_id: str) -> dict[bytes, bytes]:
+    """Key-value metadata stored in each Parquet file (the resolved config, secrets redacted).
+
+    Each file adds its shard's fingerprint (META_PLAN) and its totals (META_TOTALS).
+    """
     return {
         META_CONFIG: json.dumps(redact(config), sort_keys=True, default=str).encode(),
         META_CONFIG_HASH: config_hash.encode(),
-        META_PLAN: plan_fingerprint.encode(),
         META_RUN_ID: run_id.encode(),
     }
 
@@ -143,8 +151,8 @@ def ensure_writable(out: OutputDir) -> None:
         ) from e
 
 
-def shard_file_name(shard_id: int, num_shards: int, plan_fingerprint: str) -> str:
-    return f"part-{shard_id:05d}-of-{num_shards:05d}-{plan_fingerprint[:8]}.parquet"
+def shard_file_name(shard_id: int, fingerprint: str) -> str:
+    return f"part-{shard_id:06d}-{fingerprint[:12]}.parquet"
 
 
 def write_shard(out: OutputDir, name: str, table: pa.Table) -> str:
@@ -159,14 +167,7 @@ def write_shard(out: OutputDir, name: str, table: pa.Table) -> str:
 
 def list_data_files(out: OutputDir) -> list[pafs.FileInfo]:
     """Committed data files (`*.parquet`, not hidden temporaries)."""
-    try:
-        infos = out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True))
-    except (OSError, pa.ArrowException):
-        return []
-    return sorted(
-        (i for i in infos if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")),
-        key=lambda i: i.base_name,
-    )
+    return sorted((i for i in _list(out) if _is_data_file(i)), key=lambda i: i.base_name)
 
 
 def read_file_metadata(out: OutputDir, path: str) -> dict[bytes, bytes]:
@@ -175,56 +176,113 @@ def read_file_metadata(out: OutputDir, path: str) -> dict[bytes, bytes]:
 
 
 @dataclass
-class ResumeState:
-    """What an existing output directory already holds for this job."""
+class Existing:
+    """What an output directory already holds for this job, from one listing of it."""
 
-    done: set[str]  # file names of committed shards of this plan
-    rows: int
+    files: dict[str, int]  # committed data file name -> size in bytes
+    by_shard: dict[int, str]  # shard number -> file name
+
+    def committed(self, shard_id: int, name: str) -> bool:
+        """Whether the planned shard is already in the directory.
+
+        Raises:
+            ConfigError: the directory holds this shard number for other rows: the input changed.
+        """
+        theirs = self.by_shard.get(shard_id)
+        if theirs is None or theirs == name:
+            return theirs is not None
+        raise ConfigError(
+            [
+                f"the output directory already holds shard {shard_id} for other input rows ({theirs}; this job "
+                f"plans {name}): the prompts, their order or the batching changed since that run. Write elsewhere "
+                "with output.dir=..., or replace the old results with output.overwrite=true"
+            ],
+            title="output.dir holds results of different input",
+        )
 
 
-def check_existing(out: OutputDir, config_hash: str, plan_fingerprint: str, overwrite: bool) -> ResumeState:
-    """Decide what to do with files already in `out`: resume, refuse, or clear them.
+def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing:
+    """List `out` once: drop dead runs' temporaries, clear it (overwrite), or check what it holds is ours.
+
+    Only one footer is read (the config hash of one file): what is committed comes from
+    the file names, so resuming 10,000 shards on object storage costs one listing.
 
     Raises:
-        ConfigError: the directory holds another config's (or another input's) results.
+        ConfigError: the directory holds another config's results, or files of an older layout.
     """
-    _remove_stale_temporaries(out)
-    files = list_data_files(out)
-    if overwrite:
-        for info in files:
+    infos = _list(out)
+    for info in infos:
+        if info.base_name.startswith(".") and ".tmp-" in info.base_name:
             out.fs.delete_file(info.path)
-        _delete_if_exists(out, out.join(MANIFEST))
-        return ResumeState(set(), 0)
-    done, rows = set(), 0
-    for info in files:
-        meta = read_file_metadata(out, info.path)
+    data = [i for i in infos if _is_data_file(i)]
+    if overwrite:
+        for info in data:
+            out.fs.delete_file(info.path)
+        for name in (MANIFEST, LEGACY_MANIFEST):
+            _delete_if_exists(out, out.join(name))
+        return Existing({}, {})
+    foreign = [i.base_name for i in data if not SHARD_NAME.match(i.base_name)]
+    if foreign:
+        raise ConfigError(
+            [
+                f"output.dir={redact(out.uri)!r} holds data files this runner did not plan ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): results of an older version or of another tool. Write "
+                "elsewhere with output.dir=..., or replace them with output.overwrite=true"
+            ]
+        )
+    if data:
+        meta = read_file_metadata(out, data[0].path)
         theirs = meta.get(META_CONFIG_HASH, b"?").decode()
-        their_plan = meta.get(META_PLAN, b"?").decode()
-        if theirs != config_hash or their_plan != plan_fingerprint:
-            what = "another config" if theirs != config_hash else "the same config over different input data"
+        if theirs != config_hash:
             raise ConfigError(
                 [
-                    f"output.dir={redact(out.uri)!r} already holds results of {what} "
-                    f"(config hash mismatch: it has {theirs}/{their_plan[:8]}, this job is "
-                    f"{config_hash}/{plan_fingerprint[:8]}, in {info.base_name}); "
-                    "write elsewhere with output.dir=..., or replace them with output.overwrite=true"
+                    f"output.dir={redact(out.uri)!r} already holds results of another config (config hash "
+                    f"mismatch: it has {theirs}, this job is {config_hash}, in {data[0].base_name}); write "
+                    "elsewhere with output.dir=..., or replace them with output.overwrite=true"
                 ]
             )
-        done.add(info.base_name)
-        with out.fs.open_input_file(info.path) as f:
-            rows += pq.ParquetFile(f).metadata.num_rows
-    return ResumeState(done, rows)
+    files = {i.base_name: i.size for i in data}
+    return Existing(files, {int(SHARD_NAME.match(n).group(1)): n for n in files})
 
 
-def _remove_stale_temporaries(out: OutputDir) -> None:
-    """Drop half-written files of a run that died; one run at a time owns an output directory."""
+def _list(out: OutputDir) -> list[pafs.FileInfo]:
     try:
-        infos = out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True))
+        return out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True))
     except (OSError, pa.ArrowException):
-        return
-    for info in infos:
-        if info.is_file and info.base_name.startswith(".") and ".tmp-" in info.base_name:
-            out.fs.delete_file(info.path)
+        return []
+
+
+def _is_data_file(info: pafs.FileInfo) -> bool:
+    return info.is_file and info.base_name.endswith(".parquet") and not info.base_name.startswith((".", "_"))
+
+
+def read_shard_totals(out: OutputDir, names: list[str], threads: int = 16) -> list[dict[str, Any]]:
+    """The totals each file's footer records (older files: counted from their columns), read in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> dict[str, Any]:
+        with out.fs.open_input_file(out.join(name)) as f:
+            parquet = pq.ParquetFile(f)
+            meta = parquet.schema_arrow.metadata or {}
+            if META_TOTALS in meta:
+                return json.loads(meta[META_TOTALS])
+            return shard_totals(parquet.read(columns=["prompt_tokens", "completion_tokens", "sample_index", "run_id"]))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, names))
+
+
+def shard_totals(table: pa.Table) -> dict[str, Any]:
+    """Rows, prompt tokens (once per input row), generated tokens and run ids of a shard's table."""
+    import pyarrow.compute as pc
+
+    first = pc.equal(table.column("sample_index"), 0)
+    return {
+        "rows": table.num_rows,
+        "prompt_tokens": pc.sum(table.filter(first).column("prompt_tokens")).as_py() or 0,
+        "completion_tokens": pc.sum(table.column("completion_tokens")).as_py() or 0,
+        "run_ids": sorted(table.column("run_id").unique().to_pylist()),
+    }
 
 
 def _delete_if_exists(out: OutputDir, path: str) -> None:
@@ -243,17 +301,10 @@ def write_manifest(out: OutputDir, manifest: dict[str, Any]) -> str:
 
 
 def read_manifest(out: OutputDir) -> dict[str, Any] | None:
-    path = out.join(MANIFEST)
-    if out.fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with out.fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def describe_files(out: OutputDir) -> list[dict[str, Any]]:
-    """Name and row count of every committed data file (what the manifest lists)."""
-    described = []
-    for info in list_data_files(out):
-        with out.fs.open_input_file(info.path) as f:
-            described.append({"path": info.base_name, "rows": pq.ParquetFile(f).metadata.num_rows, "bytes": info.size})
-    return described
+    """The run's manifest (`_manifest.json`, or `manifest.json` in directories of older runs)."""
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        path = out.join(name)
+        if out.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            with out.fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+    return None

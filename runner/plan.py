@@ -26,6 +26,7 @@ class Shard:
 
     shard_id: int
     batches: tuple[Batch, ...]
+    fingerprint: str = ""  # its rows' content, order and batching, and the settings: names its file
 
     @property
     def rows(self) -> list[int]:
@@ -128,33 +129,45 @@ def group_shards(batches: Sequence[Batch], shard_size: int) -> list[Shard]:
 
 
 def plan_shards(
-    ids: Sequence[str],
+    keys: Sequence[object],
     lengths: Sequence[int],
     max_new_tokens: int,
     num_return_sequences: int,
     max_batch_tokens: int | None,
     max_batch_size: int,
     shard_size: int,
+    first_shard_id: int = 0,
+    first_batch_id: int = 0,
+    salt: str = "",
 ) -> Plan:
-    """The whole plan: sort, cut batches, group shards, fingerprint.
+    """The whole plan of a set of rows (a job's input, or one window of it): sort, cut batches, group shards.
 
     A batch never holds more rows than a shard (`shard_size`): a shard is the unit of
     work a worker takes, so a small shard size spreads even a small job over every worker.
+
+    Args:
+        keys: each row's content key (ids, or hashes of the rows' content): the shards'
+            fingerprints cover them, so other rows give other fingerprints.
+        first_shard_id, first_batch_id: numbering continues from earlier windows.
+        salt: mixed into every fingerprint (the job's config hash).
     """
-    if len(ids) != len(lengths):
-        raise ValueError(f"{len(ids)} ids but {len(lengths)} lengths")
+    if len(keys) != len(lengths):
+        raise ValueError(f"{len(keys)} keys but {len(lengths)} lengths")
     order = sort_by_length(lengths)
     rows_per_batch = min(max_batch_size, shard_size)
     batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch)
-    shards = group_shards(batches, shard_size)
-    digest = hashlib.sha256()
-    settings = (max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size, shard_size)
-    digest.update(":".join(map(str, settings)).encode())
-    for shard in shards:
+    batches = [Batch(first_batch_id + b.batch_id, b.rows, b.padded_length) for b in batches]
+    settings = ":".join(map(str, (salt, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size)))
+    whole = hashlib.sha256(f"{settings}:{shard_size}".encode())
+    shards = []
+    for shard in group_shards(batches, shard_size):
+        digest = hashlib.sha256(f"{settings}|{first_shard_id + shard.shard_id}".encode())
         for batch in shard.batches:
-            digest.update(f"|{shard.shard_id}/{batch.batch_id}:".encode())
-            digest.update(",".join(f"{ids[r]}={lengths[r]}" for r in batch.rows).encode())
-    return Plan(tuple(shards), digest.hexdigest()[:16], max_new_tokens, num_return_sequences)
+            digest.update(b"|")
+            digest.update(",".join(f"{keys[r]}={lengths[r]}" for r in batch.rows).encode())
+        shards.append(Shard(first_shard_id + shard.shard_id, shard.batches, digest.hexdigest()[:16]))
+        whole.update(shards[-1].fingerprint.encode())
+    return Plan(tuple(shards), whole.hexdigest()[:16], max_new_tokens, num_return_sequences)
 
 
 def shard_cost(shard: Shard, plan: Plan) -> int:
@@ -195,6 +208,10 @@ def prefill_groups(lengths: Sequence[int], step_cost_tokens: int) -> list[list[i
     `step_cost_tokens` (what one more forward pass costs, in prompt tokens); the cheapest
     split is found exactly (`cut_batches`).
     """
+    widest = max(lengths, default=0)
+    if sum(widest - n for n in lengths) < step_cost_tokens:
+        # Any split costs at least one more pass and saves less padding than that: one group.
+        return [sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))]
     order = sort_by_length(lengths)
     groups = cut_batches(lengths, order, 1, 1, None, max(1, len(lengths)), step_cost_tokens)
     return [list(g.rows) for g in groups]

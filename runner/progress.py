@@ -80,7 +80,19 @@ class ProgressBar:
         self._last_log = 0.0
         self._total = total_rows
         self._done = already_done
+        self._committed = 0
         self._shard_rows: dict[int, tuple[int, int]] = {}  # shard -> (rows, sequences) counted so far
+        self.shard_files: dict[str, dict[str, Any]] = {}  # file committed by this run -> its totals
+
+    def planned(self, rows: int, committed_rows: int) -> None:
+        """The input rows planned so far (it streams in) and those an earlier run already committed."""
+        self._total = rows
+        self.bar.total = rows
+        if committed_rows > self._committed:
+            self.bar.update(committed_rows - self._committed)
+            self._done += committed_rows - self._committed
+            self._committed = committed_rows
+        self.bar.refresh()
 
     def __call__(self, event: dict[str, Any]) -> None:
         t = self.totals
@@ -102,6 +114,9 @@ class ProgressBar:
             self._log_line()
         elif kind == "shard":
             t.shards += 1
+            self.shard_files[event["file"]] = {
+                k: event[k] for k in ("rows", "prompt_tokens", "completion_tokens", "run_ids")
+            }
         elif kind == "retry":
             # The shard is redone from its start: its rows will be reported again, so they are not counted twice.
             rows, sequences = self._shard_rows.pop(event["shard_id"], (0, 0))

@@ -60,12 +60,16 @@ class Report:
         return "\n".join(lines)
 
 
+REPORT_DIR = "_report"  # a leading underscore: Parquet readers pointed at the run directory skip it
+
+
 def find_runs(root: str | Path) -> list[Path]:
-    """The run directories at or below `root` (each holds a manifest.json)."""
+    """The run directories at or below `root` (each holds a `_manifest.json`, or an older `manifest.json`)."""
     base = Path(root)
-    if (base / output.MANIFEST).exists():
+    names = (output.MANIFEST, output.LEGACY_MANIFEST)
+    if any((base / n).exists() for n in names):
         return [base]
-    return sorted(p.parent for p in base.rglob(output.MANIFEST))
+    return sorted({p.parent for n in names for p in base.rglob(n)})
 
 
 def load_rows(runs: list[Path]) -> Any:
@@ -79,7 +83,7 @@ def load_rows(runs: list[Path]) -> Any:
             frame["run"] = run.name
             frames.append(frame)
     if not frames:
-        raise FileNotFoundError("no finished run (manifest.json beside Parquet files) in that directory")
+        raise FileNotFoundError("no finished run (_manifest.json beside Parquet files) in that directory")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -238,13 +242,13 @@ def write_html(report: Report, out: Path) -> Path:
 
 
 def build_report(root: str | Path, out: str | Path | None = None) -> Report:
-    """Read every run at or below `root`, write plots and report.html into `out` (default: `root`)."""
+    """Read every run at or below `root`, write plots and report.html into `out` (default: `root`/_report)."""
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no manifest.json at or below {root}: is the run finished?")
+        raise FileNotFoundError(f"no _manifest.json at or below {root}: is the run finished?")
     rows = load_rows(runs)
     batches = batch_table(rows)
-    target = Path(out or root)
+    target = Path(out or Path(root) / REPORT_DIR)
     target.mkdir(parents=True, exist_ok=True)
     report = Report([str(r) for r in runs], summarize(rows, batches))
     report.plots = make_plots(rows, batches, target)

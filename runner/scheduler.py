@@ -17,10 +17,13 @@ from typing import Any
 
 from runner.config import ClusterConfig, ConfigError
 from runner.raynet import keep_loopback_addresses
+from runner.stream import TaskFeed
 from runner.worker import ShardGenerator, ShardTask, WorkerSetup
 
 log = logging.getLogger(__name__)
 MAX_SHARD_ATTEMPTS = 3
+DEFAULT_CPUS_PER_WORKER = 2  # CPU workers when cluster.cpus_per_worker is null, unless the nodes are smaller
+GROW_CHECK_S = 5.0  # how often the pool looks for new nodes to put workers on
 
 
 def connect(cluster: ClusterConfig) -> bool:
@@ -54,8 +57,12 @@ class WorkerPlan:
     threads: int | None
 
 
-def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
-    """How many actors, with which resources: one per GPU, or CPU slots when there is no GPU."""
+def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> WorkerPlan:
+    """How many actors, with which resources: one per GPU, or CPU slots when there is no GPU.
+
+    Args:
+        num_shards: the job's shard count when known: no more workers than shards are started.
+    """
     import ray
 
     resources = ray.cluster_resources()
@@ -68,17 +75,18 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
         cpus = int(resources.get("CPU", 1))
         per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         largest = max(per_node, default=cpus)
-        if cluster.cpus_per_worker > largest:
+        if cluster.cpus_per_worker and cluster.cpus_per_worker > largest:
             raise ConfigError(
                 [
                     f"cluster.cpus_per_worker={cluster.cpus_per_worker}: no node of the cluster has that many CPUs "
-                    f"(the largest has {largest}, {cpus} in all); lower it"
+                    f"(the largest has {largest}, {cpus} in all); lower it, or leave it null to fit the nodes"
                 ]
             )
-        count = cluster.num_workers or max(1, cpus // cluster.cpus_per_worker)
-        options = {"num_cpus": cluster.cpus_per_worker}
-        threads = cluster.cpus_per_worker
-    if num_shards < count:
+        per_worker = cluster.cpus_per_worker or max(1, min(DEFAULT_CPUS_PER_WORKER, largest))
+        count = cluster.num_workers or max(1, cpus // per_worker)
+        options = {"num_cpus": per_worker}
+        threads = per_worker
+    if num_shards is not None and num_shards < count:
         log.warning(
             "only %d shard(s) to run for %d worker slots: %d will sit idle; a smaller batching.shard_size "
             "spreads a small job over every worker",
@@ -86,7 +94,7 @@ def plan_workers(cluster: ClusterConfig, num_shards: int) -> WorkerPlan:
             count,
             count - num_shards,
         )
-    return WorkerPlan(max(1, min(count, num_shards)), options, threads)
+    return WorkerPlan(max(1, min(count, num_shards or count)), options, threads)
 
 
 class WorkerPool:
@@ -125,21 +133,26 @@ class WorkerPool:
         self.configured[id(actor)] = self.setup
         self.starting[actor.ready.remote()] = actor
 
-    def run(self, setup: WorkerSetup, tasks: list[ShardTask], on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Run every task of one job to completion (tasks come in the order they should start)."""
+    def run(self, setup: WorkerSetup, feed: TaskFeed, on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Run every task the feed gives (in the order given) to completion; retried shards go first."""
         ray = self._ray
         self.setup = setup
-        pending = deque(tasks)
-        attempts = {t.shard_id: 0 for t in tasks}
-        no_worker_since = time.time()
-        while pending or self.running:
-            while self.idle and pending:
-                actor, task = self.idle.pop(), pending.popleft()
+        retry: deque[ShardTask] = deque()
+        attempts: dict[int, int] = {}
+        no_worker_since = last_grow = time.time()
+        while True:
+            while self.idle:
+                task = retry.popleft() if retry else feed.next()
+                if task is None:
+                    break
+                actor = self.idle.pop()
                 if self.configured[id(actor)] is not setup:  # calls on one actor run in order
                     actor.configure.remote(setup)
                     self.configured[id(actor)] = setup
-                attempts[task.shard_id] += 1
+                attempts[task.shard_id] = attempts.get(task.shard_id, 0) + 1
                 self.running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
+            if not self.running and not retry and feed.exhausted:
+                return
             if self.idle or self.running:
                 no_worker_since = time.time()
             elif time.time() - no_worker_since > self.start_timeout_s:
@@ -147,12 +160,33 @@ class WorkerPool:
                     f"no worker has been able to start for {self.start_timeout_s:.0f}s: the cluster has no free "
                     f"{self.workers.options} for one; failures so far: {self.start_failures[-3:]}"
                 )
-            ready, _ = ray.wait(list(self.running) + list(self.starting), num_returns=1, timeout=1.0)
+            if time.time() - last_grow > GROW_CHECK_S:
+                last_grow = time.time()
+                self._follow_cluster()
+            waiting = list(self.running) + list(self.starting)
+            if not waiting:
+                time.sleep(0.05)  # idle workers wait for the planner's next window
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in self.starting:
                     self._on_started(ref)
                 else:
-                    self._on_stream(ref, pending, attempts, on_event)
+                    self._on_stream(ref, retry, attempts, on_event)
+
+    def _follow_cluster(self) -> None:
+        """Start workers on resources that joined the cluster (a node added, the autoscaler)."""
+        if self.setup.job.cluster.num_workers:
+            return
+        try:
+            target = plan_workers(self.setup.job.cluster).count
+        except ConfigError:
+            return
+        have = len(self.idle) + len(self.running) + len(self.starting)
+        if target > have:
+            log.warning("the cluster grew: starting %d more worker(s) (%d -> %d)", target - have, have, target)
+            for _ in range(target - have):
+                self._spawn()
 
     def close(self) -> None:
         for actor in self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
@@ -174,7 +208,7 @@ class WorkerPool:
             log.info("worker %s on %s: %s", info["worker"], info["device"], info["token_budget"])
         self.idle.append(actor)
 
-    def _on_stream(self, stream: Any, pending: deque, attempts: dict[int, int], on_event: Callable) -> None:
+    def _on_stream(self, stream: Any, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
         ray = self._ray
         actor, task = self.running[stream]
         try:
@@ -189,7 +223,7 @@ class WorkerPool:
                 raise RuntimeError(f"{lost}; the last error: {e}") from e
             log.warning("worker died on shard %s (%s); the shard goes back on the queue", task.shard_id, _short(e))
             on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
-            pending.appendleft(task)
+            retry.append(task)
             self._spawn()
 
 

@@ -1,24 +1,18 @@
-"""What one process keeps between the jobs it runs: Ray, a pool of loaded workers, tokenized input.
+"""What one process keeps between the jobs it runs: Ray, a pool of loaded workers, prepared input.
 
 A Hydra sweep (`-m`) runs the job once per point in the same process. With one
-session for the whole sweep, the model is loaded once per worker, and the data
-is read and tokenized once, when only generation settings change between points.
+session for the whole sweep, the model is loaded once per worker, and an input
+that fits one sort window is read and tokenized once (its prepared chunks stay in
+the object store) when only generation settings change between points.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from runner.config import JobConfig
-
-
-@dataclass
-class TokenizedInput:
-    prompts: Any  # runner.data.Prompts
-    texts: list[str]
-    input_ids: list[list[int]]
 
 
 def _key(*parts: Any) -> str:
@@ -31,26 +25,39 @@ class Session:
         self.pool: Any = None  # runner.scheduler.WorkerPool
         self._pool_key: str | None = None
         self._input_key: str | None = None
-        self._input: TokenizedInput | None = None
+        self._input: list[Any] | None = None  # [(ChunkMeta, object ref of the prepared rows)]
         self.pools_started = 0
+        self.inputs_prepared = 0
 
-    def cached_input(self, job: JobConfig) -> TokenizedInput | None:
-        return self._input if self._input_key == self._input_key_for(job) else None
-
-    def keep_input(self, job: JobConfig, tokenized: TokenizedInput) -> None:
-        # Only the latest input is kept: a sweep over datasets should not hold them all in memory.
-        self._input_key, self._input = self._input_key_for(job), tokenized
-
-    @staticmethod
-    def _input_key_for(job: JobConfig) -> str:
-        return _key(asdict(job.dataset), asdict(job.model))
-
-    def workers(self, job: JobConfig, setup: Any, num_tasks: int) -> Any:
-        """A pool of workers holding this job's model: the previous job's when it is the same model."""
+    def connect(self, cluster: Any) -> None:
+        """Start (or join) Ray once for every job of this process."""
         from runner import scheduler
 
         if not self.started_ray:
-            self.started_ray = scheduler.connect(job.cluster)
+            self.started_ray = scheduler.connect(cluster)
+
+    def cached_chunks(self, job: JobConfig) -> list[Any] | None:
+        """The prepared chunks of this job's input, when an earlier job of this process prepared it."""
+        if self._input_key == self._input_key_for(job):
+            return self._input
+        self.inputs_prepared += 1
+        return None
+
+    def keep_chunks(self, job: JobConfig, chunks: list[Any]) -> None:
+        # Only the latest input is kept: a sweep over datasets should not hold them all.
+        self._input_key, self._input = self._input_key_for(job), chunks
+
+    @staticmethod
+    def _input_key_for(job: JobConfig) -> str:
+        # What preparing a row depends on: the input, the model (tokenizer, template) and the room left in the
+        # context for generation (too-long prompts are refused or cut against it).
+        return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens)
+
+    def workers(self, job: JobConfig, setup: Any, num_tasks: int | None) -> Any:
+        """A pool of workers holding this job's model: the previous job's when it is the same model."""
+        from runner import scheduler
+
+        self.connect(job.cluster)
         key = _key(asdict(job.model), setup.model_path, asdict(job.cluster))
         if self.pool is not None and self._pool_key != key:
             self.pool.close()
@@ -69,6 +76,7 @@ class Session:
         if self.pool is not None and ray.is_initialized():
             self.pool.close()
         self.pool = None
+        self._input = self._input_key = None
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
         self.started_ray = False

@@ -35,23 +35,60 @@ class WorkerSetup:
     model_path: str  # what from_pretrained loads (the embedded model already resolved)
     run_id: str
     config_hash: str
-    plan_fingerprint: str
     carry_schema: pa.Schema
     file_metadata: dict[bytes, bytes]
 
 
 @dataclass
 class ShardTask:
-    """One shard's rows in generation order, cut into batches of positions [start, end)."""
+    """One shard: which prepared rows, in generation order, cut into batches of positions [start, end).
+
+    `parts` are tables of prepared rows (`runner.prepare`), or Ray object refs to them: the
+    worker fetches them from the object store itself, so no token passes through the driver.
+    """
 
     shard_id: int
     file_name: str
+    fingerprint: str
     batches: list[tuple[int, int, int]]  # (batch_id, start, end)
-    ids: list[str]
-    prompts: list[str]
-    input_ids: list[list[int]]
-    carry: pa.Table
-    truncated: list[int] | None = None  # prompt tokens cut from the left, per row
+    parts: list[Any]
+    take: Any  # int64 array (rows, 2): (part, row within the part) per row, in generation order
+
+    def gather(self, carry_schema: pa.Schema) -> pa.Table:
+        """The shard's prepared rows in generation order, carried columns cast to the run's schema."""
+        import numpy as np
+
+        parts = self.parts
+        refs = [i for i, p in enumerate(parts) if not isinstance(p, pa.Table)]
+        if refs:
+            import ray
+
+            fetched = ray.get([parts[i] for i in refs])
+            parts = list(parts)
+            for i, table in zip(refs, fetched):
+                parts[i] = table
+        take = np.asarray(self.take, dtype=np.int64).reshape(-1, 2)
+        pieces, positions = [], []
+        for k, part in enumerate(parts):
+            where = np.nonzero(take[:, 0] == k)[0]
+            if len(where):
+                pieces.append(_conform(part.take(take[where, 1]), carry_schema))
+                positions.append(where)
+        table = pa.concat_tables(pieces)
+        return table.take(np.argsort(np.concatenate(positions), kind="stable"))
+
+
+def _conform(rows: pa.Table, carry_schema: pa.Schema) -> pa.Table:
+    from runner.prepare import PREPARED_FIELDS
+
+    fixed = pa.schema(PREPARED_FIELDS)
+    columns = [rows.column(f.name) for f in fixed]
+    for f in carry_schema:
+        if f.name in rows.column_names:
+            columns.append(rows.column(f.name).cast(f.type))
+        else:  # a chunk where this column never appeared
+            columns.append(pa.nulls(rows.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(list(fixed) + list(carry_schema)))
 
 
 @dataclass
@@ -151,17 +188,35 @@ class ShardGenerator:
 
     def run_shard(self, task: ShardTask) -> Iterator[dict[str, Any]]:
         """Generate every batch of `task`, write its file, and report progress as it goes."""
+        from runner.prepare import TOKENS
+
+        rows = task.gather(self.setup.carry_schema)
+        ids, prompts = rows.column("id").to_pylist(), rows.column("prompt").to_pylist()
+        input_ids = rows.column(TOKENS).to_pylist()
+        truncated = rows.column("truncated_tokens").to_pylist()
+        carry = rows.select(self.setup.carry_schema.names)
         columns: dict[str, list[Any]] = {f.name: [] for f in output.BASE_FIELDS}
         carry_rows: list[int] = []
         per_row = self.setup.job.generation.num_return_sequences
         for batch_id, start, end in task.batches:
-            for offset, results, stats in self.generate_with_backoff(task.input_ids[start:end], batch_id):
+            for offset, results, stats in self.generate_with_backoff(input_ids[start:end], batch_id):
                 created = datetime.now(timezone.utc)
                 for i, result in enumerate(results):
                     row = start + offset + i // per_row
                     carry_rows.append(row)
                     padded = stats.row_padded[i // per_row] if stats.row_padded else stats.padded_length
-                    self._append_row(columns, task, row, i % per_row, result, batch_id, stats, padded, created)
+                    values = {
+                        "id": ids[row],
+                        "sample_index": i % per_row,
+                        "prompt": prompts[row],
+                        "prompt_tokens": len(input_ids[row]),
+                        "truncated_tokens": truncated[row],
+                        "shard_id": task.shard_id,
+                        "batch_id": batch_id,
+                        "padded_length": padded,
+                        "created_at": created,
+                    }
+                    self._append_row(columns, values, result, stats)
                 yield {
                     "event": "batch",
                     "worker": self.name,
@@ -169,35 +224,31 @@ class ShardGenerator:
                     "batch_id": batch_id,
                     **stats.__dict__,
                 }
-        table = self._table(columns, task.carry.take(pa.array(carry_rows, pa.int64())))
-        output.write_shard(self.out, task.file_name, table)
+        table = self._table(columns, carry.take(pa.array(carry_rows, pa.int64())))
+        totals = output.shard_totals(table)
+        metadata = {**self.schema.metadata, output.META_PLAN: task.fingerprint.encode()}
+        metadata[output.META_TOTALS] = json.dumps(totals).encode()
+        output.write_shard(self.out, task.file_name, table.replace_schema_metadata(metadata))
         yield {
             "event": "shard",
             "worker": self.name,
             "shard_id": task.shard_id,
             "file": task.file_name,
-            "rows": table.num_rows,
+            **totals,
         }
 
-    def _append_row(self, columns, task, row, sample, result, batch_id, stats, padded, created) -> None:
-        values = {
-            "id": task.ids[row],
-            "sample_index": sample,
-            "prompt": task.prompts[row],
-            "completion": result.completion,
-            "prompt_tokens": len(task.input_ids[row]),
-            "truncated_tokens": task.truncated[row] if task.truncated else 0,
-            "completion_tokens": result.completion_tokens,
-            "finish_reason": result.finish_reason,
-            "error": result.error,
-            "shard_id": task.shard_id,
-            "batch_id": batch_id,
-            "batch_size": stats.rows,
-            "padded_length": padded,
-            "latency_s": stats.latency_s,
-            "created_at": created,
-            **self.static_columns,
-        }
+    def _append_row(self, columns, values, result, stats) -> None:
+        values.update(
+            {
+                "completion": result.completion,
+                "completion_tokens": result.completion_tokens,
+                "finish_reason": result.finish_reason,
+                "error": result.error,
+                "batch_size": stats.rows,
+                "latency_s": stats.latency_s,
+                **self.static_columns,
+            }
+        )
         for name, column in columns.items():
             column.append(values[name])
 

@@ -24,6 +24,7 @@ def job_args(prompts: Path, out: Path, *extra: str) -> list[str]:
         "generation.max_new_tokens=8",
         "batching.shard_size=3",
         "batching.max_batch_size=3",
+        "batching.sort_window=8",  # 24 rows stream through in three windows
         f"output.dir={out}",
         *extra,
     ]

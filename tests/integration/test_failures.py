@@ -22,7 +22,7 @@ def test_driver_killed_mid_run_then_the_same_command_finishes_the_job(prompts, t
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
     proc.wait()
     done_before = {p.name for p in out.glob("*.parquet")}
-    assert 2 <= len(done_before) < ROWS // 3 and not (out / "manifest.json").exists()
+    assert 2 <= len(done_before) < ROWS // 3 and not (out / "_manifest.json").exists()
 
     rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -106,7 +106,7 @@ def test_manifest_and_file_metadata_hold_the_resolved_config_without_secrets(sam
     import pyarrow.parquet as pq
 
     out, _, result = sampled_run
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["totals"]["rows"] == len(QUESTIONS) * 2
     assert sum(f["rows"] for f in manifest["files"]) == len(QUESTIONS) * 2
     assert {f["path"] for f in manifest["files"]} == {p.name for p in out.glob("*.parquet")}
@@ -115,7 +115,7 @@ def test_manifest_and_file_metadata_hold_the_resolved_config_without_secrets(sam
         meta = pq.read_schema(f).metadata
         assert json.loads(meta[b"runner.config"])["dataset"]["prompt_column"] == "question"
         assert meta[b"runner.config_hash"].decode() == manifest["config_hash"]
-    everything = result.stdout + result.stderr + (out / "manifest.json").read_text()
+    everything = result.stdout + result.stderr + (out / "_manifest.json").read_text()
     everything += "".join(str(pq.read_schema(f).metadata) for f in out.glob("*.parquet"))
     assert "hf_secret_never_printed_123" not in everything
 
@@ -205,8 +205,8 @@ def test_the_report_renders_and_its_numbers_match_duckdb(sampled_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("report.html", "lengths.png", "finish_reasons.png", "workers.png", "padding.png"):
-        assert (out / name).stat().st_size > 1000, name
-    page = (out / "report.html").read_text()
+        assert (out / "_report" / name).stat().st_size > 1000, name
+    page = (out / "_report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4  # self-contained
     con = duckdb.connect()
     files = f"read_parquet('{out}/*.parquet')"
@@ -230,4 +230,4 @@ def test_report_on_a_directory_without_a_finished_run_says_so(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and "no manifest.json" in result.stderr
+    assert result.returncode == 2 and "no _manifest.json" in result.stderr

@@ -93,8 +93,8 @@ def test_the_readme_commands_run_as_written(workspace):
         if "jobs/generate.py --cfg job" in command:
             assert "max_new_tokens: 256" in result.stdout
     first_run = workspace / "out" / "run1"
-    assert (first_run / "manifest.json").exists() and (first_run / "report.html").exists()
-    assert len(list((workspace / "multirun" / "sweep1").glob("*/manifest.json"))) == 4
+    assert (first_run / "_manifest.json").exists() and (first_run / "_report" / "report.html").exists()
+    assert len(list((workspace / "multirun" / "sweep1").glob("*/_manifest.json"))) == 4
 
 
 def test_the_readme_queries_answer(workspace):

@@ -71,14 +71,14 @@ def test_a_run_writes_to_s3_resumes_there_and_verifies(s3_server, prompts):
     table = ds.dataset("runner-test/runs/run1", filesystem=fs, format="parquet", exclude_invalid_files=True).to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(expected_ids(prompts))
     names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector("runner-test/runs/run1")))
-    assert "manifest.json" in names and not [n for n in names if ".tmp-" in n]
-    manifest = fs.open_input_stream("runner-test/runs/run1/manifest.json").read().decode()
+    assert "_manifest.json" in names and not [n for n in names if ".tmp-" in n]
+    manifest = fs.open_input_stream("runner-test/runs/run1/_manifest.json").read().decode()
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in manifest
 
     # lose one shard and the manifest, as a run killed before its end would: the rerun redoes just that shard
     lost = next(n for n in names if n.endswith(".parquet"))
     fs.delete_file(f"runner-test/runs/run1/{lost}")
-    fs.delete_file("runner-test/runs/run1/manifest.json")
+    fs.delete_file("runner-test/runs/run1/_manifest.json")
     assert verify(uri).returncode == 1
     again = run(prompts, uri)
     assert "3 generated now, 21 from an earlier run" in again.stdout

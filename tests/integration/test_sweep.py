@@ -46,7 +46,7 @@ def test_each_point_has_its_own_complete_directory(sweeps):
     points = sorted(p for p in first.iterdir() if p.is_dir())
     assert [p.name for p in points] == ["0", "1"]
     for point in points:
-        assert (point / "manifest.json").exists() and list(point.glob("*.parquet"))
+        assert (point / "_manifest.json").exists() and list(point.glob("*.parquet"))
         check = subprocess.run(
             [sys.executable, "jobs/verify.py", f"output.dir={point}"], cwd=REPO, capture_output=True, text=True
         )
@@ -86,4 +86,6 @@ def test_the_report_over_a_sweep_compares_the_settings(sweeps):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report over 2 run(s), 16 rows" in result.stdout
-    assert (first / "report.html").exists() and (first / "finish_reasons.png").stat().st_size > 1000
+    assert (first / "_report" / "report.html").exists() and (
+        first / "_report" / "finish_reasons.png"
+    ).stat().st_size > 1000

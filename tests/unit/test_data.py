@@ -136,3 +136,30 @@ def test_plain_prompts_become_one_user_turn_or_stay_raw(tmp_path, embedded_model
     raw, add_special = render(prompts, tokenizer, "none")
     assert "<|im_start|>user\nWhat is 0 + 0?<|im_end|>" in chat[0]
     assert raw[0] == "What is 0 + 0?" and add_special is True
+
+
+def test_plain_prompts_render_as_the_template_does_and_templates_that_alter_text_are_run(embedded_model_dir, t0_rows):
+    from runner.data import Prompts, verbatim_user_turn
+    from runner.model import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_dir)
+    prompts = [r["prompt"] for r in t0_rows[:300]] + ["  padded  ", "{{ not a tag }}", "line\n\nbreaks\t"]
+    texts, _ = render(Prompts([str(i) for i in range(len(prompts))], prompts, None, pa.table({})), tok, "auto")
+    assert verbatim_user_turn(tok) is not None  # SmolLM2's template takes the shortcut
+    assert texts == [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{% endfor %}<assistant>"
+    assert verbatim_user_turn(tok) is None
+    trimmed, _ = render(Prompts(["a"], ["  padded  "], None, pa.table({})), tok, "auto")
+    assert trimmed == ["<user>padded<assistant>"]
+
+
+def test_tokenize_gives_the_tokenizers_own_ids(embedded_model_dir, t0_rows):
+    from runner.model import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_dir)
+    texts = [r["prompt"] for r in t0_rows[:200]]
+    for special in (True, False):
+        assert tokenize(tok, texts, special, batch=64) == tok(texts, add_special_tokens=special)["input_ids"]

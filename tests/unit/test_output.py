@@ -52,7 +52,7 @@ def test_schema_has_every_design_column_with_its_type_then_carried_columns():
 
 
 def one_row_table(config_hash="h", plan="p") -> pa.Table:
-    schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, plan, "run"))
+    schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, "run"))
     row = {f.name: None for f in schema}
     row.update(
         id="x",
@@ -95,13 +95,26 @@ def test_shard_write_leaves_only_the_final_file_and_lists_ignore_temporaries(tmp
 
 def test_existing_results_of_another_config_are_refused_unless_overwrite(tmp_path):
     out = output.open_output_dir(str(tmp_path))
-    output.write_shard(out, "part-00000-of-00001-p.parquet", one_row_table("old", "p"))
+    name = output.shard_file_name(0, "ab" * 8)
+    output.write_shard(out, name, one_row_table("old", "p"))
+    (tmp_path / f".{name}.tmp-dead").write_bytes(b"a dead run's half-written file")
     with pytest.raises(ConfigError, match="config hash mismatch.*output.overwrite=true"):
-        output.check_existing(out, "new", "p", overwrite=False)
-    state = output.check_existing(out, "old", "p", overwrite=False)
-    assert state.done == {"part-00000-of-00001-p.parquet"} and state.rows == 1
-    state = output.check_existing(out, "new", "p", overwrite=True)
-    assert state.done == set() and output.list_data_files(out) == []
+        output.scan_existing(out, "new", overwrite=False)
+    existing = output.scan_existing(out, "old", overwrite=False)
+    assert existing.files.keys() == {name} and existing.committed(0, name) and not existing.committed(1, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # temporaries of dead runs are gone
+    # the same shard number planned over other rows: the input changed since that run
+    with pytest.raises(ConfigError, match="shard 0 for other input rows.*output.overwrite=true"):
+        existing.committed(0, output.shard_file_name(0, "cd" * 8))
+    existing = output.scan_existing(out, "new", overwrite=True)
+    assert existing.files == {} and output.list_data_files(out) == []
+
+
+def test_files_of_an_older_layout_are_not_mixed_with_new_ones(tmp_path):
+    out = output.open_output_dir(str(tmp_path))
+    output.write_shard(out, "part-00000-of-00001-abcd1234.parquet", one_row_table("old", "p"))
+    with pytest.raises(ConfigError, match="did not plan.*part-00000-of-00001"):
+        output.scan_existing(out, "old", overwrite=False)
 
 
 def test_unwritable_output_dir_is_a_config_error(tmp_path):
@@ -116,7 +129,9 @@ def test_manifest_is_atomic_and_redacts_secrets(tmp_path):
     output.write_manifest(
         out, {"config": {"hf_token": "hf_abc", "max_new_tokens": 5, "dir": "s3://key:hunter2@bucket/x"}}
     )
-    text = (tmp_path / "manifest.json").read_text()
+    text = (tmp_path / "_manifest.json").read_text()
     assert "hf_abc" not in text and "hunter2" not in text and '"max_new_tokens": 5' in text
     assert output.read_manifest(out)["config"]["dir"] == "s3://***@bucket/x"
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["_manifest.json"]
+    (tmp_path / "_manifest.json").rename(tmp_path / "manifest.json")  # a directory written by an older version
+    assert output.read_manifest(out)["config"]["max_new_tokens"] == 5

@@ -66,5 +66,5 @@ def test_duplicate_rows_and_an_unfinished_run_fail(tmp_path):
         output.write_shard(out, name, dup)
     output.write_manifest(out, manifest)
     assert any("appear more than once" in p for p in verify_run(str(tmp_path)).problems)
-    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "_manifest.json").unlink()
     assert "the run has not finished" in verify_run(str(tmp_path)).problems[0]

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
+from runner.prepare import PREPARED_FIELDS, TOKENS
 from runner.worker import ShardGenerator, ShardTask, WorkerSetup, finish, left_pad
+
+
+def shard_task(shard_id, file_name, batches, ids, prompts, input_ids, carry) -> ShardTask:
+    """A shard task over rows prepared in memory (a job's come from the object store)."""
+    rows = pa.table(
+        {
+            "id": ids,
+            "prompt": prompts,
+            TOKENS: pa.array(input_ids, pa.list_(pa.int32())),
+            "truncated_tokens": pa.array([0] * len(ids), pa.int32()),
+        },
+        schema=pa.schema(PREPARED_FIELDS),
+    )
+    for name in carry.column_names:
+        rows = rows.append_column(name, carry.column(name))
+    take = [(0, i) for i in range(len(ids))]
+    return ShardTask(shard_id, file_name, "f" * 16, batches, [rows], take)
 
 
 def make_generator(model_dir, out_dir, quantization="none", chat_template="none", **gen) -> ShardGenerator:
@@ -23,7 +43,6 @@ def make_generator(model_dir, out_dir, quantization="none", chat_template="none"
         model_path=model_dir,
         run_id="run-1",
         config_hash="hash-1",
-        plan_fingerprint="plan-1",
         carry_schema=pa.schema([("topic", pa.string())]),
         file_metadata={b"runner.config_hash": b"hash-1"},
     )
@@ -78,14 +97,14 @@ def test_run_shard_writes_one_file_with_every_row_and_sample(tiny_llama_dir, tmp
     gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=6, do_sample=True, num_return_sequences=2)
     texts = ["a b c d e f g", "hello", "one two three"]
     input_ids = [gen.tokenizer.encode(t) for t in texts]
-    task = ShardTask(
-        shard_id=3,
-        file_name="part-3.parquet",
-        batches=[(7, 0, 2), (8, 2, 3)],
-        ids=["x", "y", "z"],
-        prompts=texts,
-        input_ids=input_ids,
-        carry=pa.table({"topic": ["t1", "t2", "t3"]}),
+    task = shard_task(
+        3,
+        "part-3.parquet",
+        [(7, 0, 2), (8, 2, 3)],
+        ["x", "y", "z"],
+        texts,
+        input_ids,
+        pa.table({"topic": ["t1", "t2", "t3"]}),
     )
     events = list(gen.run_shard(task))
     assert [e["event"] for e in events] == ["batch", "batch", "shard"]
@@ -98,6 +117,21 @@ def test_run_shard_writes_one_file_with_every_row_and_sample(tiny_llama_dir, tmp
     assert [r["batch_id"] for r in rows] == [7, 7, 7, 7, 8, 8] and rows[0]["batch_size"] == 2
     assert rows[0]["padded_length"] == max(len(x) for x in input_ids[:2])
     assert {r["shard_id"] for r in rows} == {3} and rows[0]["seed"] == 0 and rows[0]["device"] == "cpu"
+    totals = json.loads(table.schema.metadata[b"runner.shard_totals"])  # what a manifest reads instead of the rows
+    assert totals["rows"] == 6 and totals["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+
+
+def test_a_shard_gathers_its_rows_from_several_parts_in_plan_order():
+    parts = [
+        pa.table(
+            {"id": ["a", "b"], "prompt": ["pa", "pb"], TOKENS: [[1], [2, 2]], "truncated_tokens": [0, 0], "n": [1, 2]}
+        ),
+        pa.table({"id": ["c"], "prompt": ["pc"], TOKENS: [[3, 3, 3]], "truncated_tokens": [1], "n": [None]}),
+    ]
+    task = ShardTask(0, "part.parquet", "f" * 16, [(0, 0, 3)], parts, [(1, 0), (0, 1), (0, 0)])
+    rows = task.gather(pa.schema([("n", pa.string())]))  # carried columns take the run's types
+    assert rows.column("id").to_pylist() == ["c", "b", "a"]
+    assert rows.column("n").to_pylist() == [None, "2", "1"] and rows.column("truncated_tokens").to_pylist() == [1, 0, 0]
 
 
 def test_sampling_with_a_seed_is_reproducible(tiny_llama_dir, tmp_path):
@@ -127,14 +161,10 @@ class OutOfMemoryAbove:
 
 def oom_task(gen, n: int) -> ShardTask:
     texts = [f"prompt number {i} " + "word " * (n - i) for i in range(n)]
-    return ShardTask(
-        shard_id=0,
-        file_name="part-0.parquet",
-        batches=[(0, 0, n // 2), (1, n // 2, n)],
-        ids=[str(i) for i in range(n)],
-        prompts=texts,
-        input_ids=[gen.tokenizer.encode(t) for t in texts],
-        carry=pa.table({"topic": ["t"] * n}),
+    input_ids = [gen.tokenizer.encode(t) for t in texts]
+    batches = [(0, 0, n // 2), (1, n // 2, n)]
+    return shard_task(
+        0, "part-0.parquet", batches, [str(i) for i in range(n)], texts, input_ids, pa.table({"topic": ["t"] * n})
     )
 
 

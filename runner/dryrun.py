@@ -1,0 +1,85 @@
+"""See the plan before paying for it: read, prepare and plan the whole input, load no model.
+
+`jobs/plan.py` (the same overrides as `jobs/generate.py`) prints rows, prompt tokens,
+batches, shards, padding efficiency (the streamed, windowed plan and a global sort of the
+same rows) and the longest prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner import plan
+from runner.config import JobConfig
+from runner.stream import JobStream, PlanStats, drain
+
+
+@dataclass
+class DryRun:
+    job: JobConfig
+    stats: PlanStats
+    global_padding_efficiency: float | None
+    seconds: float
+
+    def describe(self) -> str:
+        s, b = self.stats, self.job.batching
+        samples = self.job.generation.num_return_sequences
+        lines = [
+            f"rows:        {s.rows} ({s.rows * samples} output rows with {samples} sample(s) each)",
+            f"prompt:      {s.prompt_tokens} tokens, {s.prompt_tokens / max(s.rows, 1):.1f} per row"
+            + (f"; {s.truncated} prompts cut from the left to fit the context" if s.truncated else ""),
+            f"plan:        {s.batches} batches in {s.shards} shards (shard_size={b.shard_size}, "
+            f"max_batch_size={b.max_batch_size}), {s.windows} sort window(s) of {b.sort_window} rows",
+            f"padding:     prompt-side efficiency {s.padding_efficiency:.4f} sorted in windows"
+            + (
+                f", {self.global_padding_efficiency:.4f} with one global sort"
+                if self.global_padding_efficiency is not None
+                else ""
+            ),
+            f"generation:  at most {s.rows * samples * self.job.generation.max_new_tokens} new tokens "
+            f"(max_new_tokens={self.job.generation.max_new_tokens})",
+            f"prepared:    in {self.seconds:.1f}s ({s.rows / max(self.seconds, 1e-9):.0f} rows/s)",
+            "longest prompts: " + ", ".join(f"{i!r} ({n} tokens)" for n, i in s.longest),
+        ]
+        return "\n".join(lines)
+
+
+def dry_run(job: JobConfig, compare_global: bool = True) -> DryRun:
+    """Plan the job as a run would, without a model or an output directory.
+
+    Raises:
+        ConfigError: anything a run would refuse before generating (config, input, too-long prompts).
+    """
+    from runner import job as job_lib
+    from runner.scheduler import connect
+
+    started = time.time()
+    st = job_lib.start(job, dry_run=True)
+    own_ray = connect(job.cluster)
+    try:
+        stream = JobStream(job, st.spec, st.config_hash, None, keep_lengths=compare_global)
+        drain(stream.windows())
+    finally:
+        if own_ray:
+            import ray
+
+            ray.shutdown()
+    seconds = time.time() - started
+    global_eff = None
+    if compare_global and stream.stats.lengths:
+        lengths = np.concatenate(stream.stats.lengths).tolist()
+        g, b = job.generation, job.batching
+        whole = plan.plan_shards(
+            range(len(lengths)),
+            lengths,
+            g.max_new_tokens,
+            g.num_return_sequences,
+            b.max_batch_tokens,
+            b.max_batch_size,
+            b.shard_size,
+        )
+        global_eff = plan.padding_efficiency(whole, lengths, b.step_cost_tokens)
+    return DryRun(job, stream.stats, global_eff, seconds)
