@@ -104,6 +104,10 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
     try:
         st = start(job)
         existing = output.scan_existing(st.out, st.config_hash, job.output.overwrite)
+        if existing.files:
+            log.warning(
+                "resuming: %d shard files already in %s are kept and skipped", len(existing.files), st.out.display
+            )
         session.connect(job.cluster)
         stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job))
         bar = ProgressBar(0, enabled=progress)
@@ -112,8 +116,6 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         for first in windows:  # the first window with work; its carried columns fix the output schema
             if first:
                 break
-        if stream.stats.committed_shards:
-            log.warning("resuming: %d shards already committed in %s", stream.stats.committed_shards, st.out.display)
         if first:
             setup = WorkerSetup(
                 job=job,

@@ -108,7 +108,7 @@ def _resolve_uri(uri: str) -> Source:
         fs, root = pafs.FileSystem.from_uri(base)
         info = fs.get_file_info(root)
         if pattern is not None or info.type == pafs.FileType.Directory:
-            selector = pafs.FileSelector(root, recursive=pattern is not None and "/" in pattern)
+            selector = pafs.FileSelector(root, recursive=pattern is not None and "/" in pattern, allow_not_found=True)
             infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
             if pattern is not None:
                 infos = [i for i in infos if fnmatch.fnmatch(i.path[len(root) :].lstrip("/"), pattern)]

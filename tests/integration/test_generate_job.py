@@ -152,12 +152,12 @@ def test_bad_input_fails_before_any_model_loads(tmp_path):
     result = run_cli(
         f"dataset.path={bad}",
         "dataset.id_column=null",
-        "model.name_or_path=./no/such/model",
         f"output.dir={tmp_path / 'out'}",
         timeout=120,
     )
     assert result.returncode == 2
     assert f"{bad}:2: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    assert "ShardGenerator" not in result.stderr and not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_missing_model_folder_is_named(tmp_path, unseen_jsonl):

@@ -8,10 +8,11 @@ import sys
 
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.jobs import expected_ids, job_args
+from tests.integration.jobs import assert_complete, expected_ids, job_args
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "runner-test-key",
@@ -77,9 +78,40 @@ def test_a_run_writes_to_s3_resumes_there_and_verifies(s3_server, prompts):
 
     # lose one shard and the manifest, as a run killed before its end would: the rerun redoes just that shard
     lost = next(n for n in names if n.endswith(".parquet"))
+    with fs.open_input_file(f"runner-test/runs/run1/{lost}") as f:
+        lost_rows = pq.ParquetFile(f).metadata.num_rows
     fs.delete_file(f"runner-test/runs/run1/{lost}")
     fs.delete_file("runner-test/runs/run1/_manifest.json")
     assert verify(uri).returncode == 1
     again = run(prompts, uri)
-    assert "3 generated now, 21 from an earlier run" in again.stdout
+    assert f"{lost_rows} generated now, {24 - lost_rows} from an earlier run" in again.stdout
     assert verify(uri).returncode == 0
+
+
+def test_prompts_from_a_folder_of_files_on_s3_run_and_no_credential_is_printed(s3_server, prompts, tmp_path):
+    endpoint, fs = s3_server
+    lines = prompts.read_text().splitlines(keepends=True)
+    for k in range(3):  # three files, and one that is not data
+        with fs.open_output_stream(f"runner-test/prompts/part-{k}.jsonl") as f:
+            f.write("".join(lines[k * 8 : (k + 1) * 8]).encode())
+    with fs.open_output_stream("runner-test/prompts/_SUCCESS") as f:
+        f.write(b"")
+    query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    out = tmp_path / "run"
+    args = [a for a in job_args(prompts, out, "cluster.num_workers=1") if not a.startswith("dataset.path=")]
+    env = {**os.environ, **CREDENTIALS}
+    result = subprocess.run(
+        [*args, f"dataset.path='s3://runner-test/prompts?{query}'"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete(out, expected_ids(prompts))
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+    missing = subprocess.run(
+        [*args, f"dataset.path='s3://runner-test/nothing-here/*.jsonl?{query}'"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no data file there" in missing.stderr
