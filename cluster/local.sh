@@ -6,6 +6,7 @@
 #   cluster/local.sh status    nodes and resources
 #   cluster/local.sh down      stop both nodes
 #   cluster/local.sh kill-worker   SIGKILL the worker node's raylet (simulates losing that machine)
+#   cluster/local.sh add-worker    start one more worker node (simulates the autoscaler adding a machine)
 #
 # Then, with the token authentication the cluster uses:
 #   export RAY_AUTH_MODE=token
@@ -59,6 +60,12 @@ case "${1:-}" in
     ray_cli stop --force >/dev/null 2>&1 || true
     echo "Ray stopped"
     ;;
+  add-worker)
+    ray_cli start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+      --dashboard-agent-listen-port="$((AGENT_PORT + 2))" \
+      --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources='{"added_node": 1}' --disable-usage-stats >/dev/null
+    echo "added a worker node to 127.0.0.1:$PORT"
+    ;;
   kill-worker)
     pids="$(worker_raylet_pids)"
     [ -n "$pids" ] || { echo "no worker node running" >&2; exit 1; }
@@ -66,7 +73,7 @@ case "${1:-}" in
     echo "killed the worker node's raylet ($pids)"
     ;;
   *)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

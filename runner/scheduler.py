@@ -68,7 +68,9 @@ def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> Worke
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        count = min(cluster.num_workers or gpus, gpus)
+        count = cluster.num_workers or gpus
+        if not cluster.address:  # a private local Ray never grows: no more workers than GPUs
+            count = min(count, gpus)
         options = {"num_gpus": 1, "num_cpus": 1}
         threads = None
     else:

@@ -110,7 +110,7 @@ def test_the_readmes_ray_job_submit_command_runs_on_the_cluster(two_nodes, tmp_p
     command = re.search(r"(RAY_AUTH_MODE=token ray job submit .*?)\n```", readme, re.S).group(1).replace("\\\n", " ")
     out = tmp_path / "run1"
     command = command.replace("127.0.0.1:8265", "127.0.0.1:8266").replace("/tmp/out/run1", str(out))
-    command += " dataset.limit=4 generation.max_new_tokens=4 cluster.cpus_per_worker=1"  # 1-CPU nodes
+    command += " dataset.limit=4 generation.max_new_tokens=4"  # on 1-CPU nodes: workers fit the nodes by default
     ray_bin = str(REPO / ".venv" / "bin")
     env = {**ENV, "PATH": ray_bin + os.pathsep + os.environ.get("PATH", "")}
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -126,6 +126,26 @@ def test_a_worker_larger_than_any_node_is_refused_at_once(two_nodes, prompts, tm
     result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cluster.cpus_per_worker=2: no node of the cluster has that many CPUs (the largest has 1" in result.stderr
+
+
+def test_a_node_added_mid_job_gets_a_worker(two_nodes, prompts, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=48"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_files(out, 1, proc)
+    added = local_cluster("add-worker")
+    assert added.returncode == 0, added.stderr
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "the cluster grew: starting 1 more worker(s) (2 -> 3)" in stdout + stderr
+    assert_complete(out, expected_ids(prompts))
+    assert len({w.split(":")[1].split("/")[0] for w in workers_in(out)}) == 3  # the new node generated shards too
 
 
 # Last in the module: it takes the shared cluster's second node away.

@@ -31,7 +31,10 @@ def test_kuberay_rayjob_runs_the_real_job_command():
     check_job_command(spec["spec"]["entrypoint"])
     workers = spec["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for g in workers)
-    assert spec["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    cluster = spec["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the submitter pod's way in
+    assert cluster["enableInTreeAutoscaling"] is True and all(g["maxReplicas"] > g["minReplicas"] for g in workers)
+    assert "dataset.path=s3://" in spec["spec"]["entrypoint"] and "cluster.num_workers=" in spec["spec"]["entrypoint"]
 
 
 def test_ray_up_config_installs_the_project_and_its_usage_runs_the_real_job():

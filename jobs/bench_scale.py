@@ -1,0 +1,184 @@
+"""Scale benchmark: how fast a job over N prompts starts, and what memory the driver and the job take.
+
+For each N it writes N unique synthetic prompts (the shared T0 mix, each with a suffix that
+makes it unique), then:
+  1. the dry run (`jobs/plan.py`): the whole input read, prepared and planned; wall time,
+     preparation throughput, driver peak RSS, prompt-side padding efficiency of the windowed
+     plan and of one global sort;
+  2. the real job (`jobs/generate.py`, max_new_tokens=4, shard_size=100): seconds until the
+     first shard file is committed, then it runs --run-seconds more and is stopped; the
+     driver's peak RSS and the whole job's peak memory (PSS summed over the driver and every
+     process it started: Ray's servers, preparers, workers, so shared memory counts once).
+Prints a table and writes it as JSON and markdown.
+
+Usage:
+    python jobs/bench_scale.py                                  # N = 10k, 100k, 1M
+    python jobs/bench_scale.py --sizes 10000 --run-seconds 20   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = Path(os.environ.get("RUNNER_T0_DATA", REPO.parent / "shared" / "data" / "t0_mix_2k.jsonl"))
+MAX_PROMPT_CHARS = 1000  # T0 prompts up to this long: about 120 tokens each with the chat template
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """N unique prompts cycling through the T0 mix (reused when the file already holds N rows)."""
+    if path.exists() and path.with_suffix(".count").exists() and path.with_suffix(".count").read_text() == str(n):
+        return path
+    base = [json.loads(line)["prompt"] for line in T0.read_text().splitlines()]
+    base = [p for p in base if len(p) < MAX_PROMPT_CHARS]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"s{i}", "prompt": f"{base[i % len(base)]} (variant {i})"}) + "\n")
+    path.with_suffix(".count").write_text(str(n))
+    return path
+
+
+class Watch:
+    """Peak memory of a process (RSS) and of it with every process it started (PSS), sampled."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.root = psutil.Process(proc.pid)
+        self.driver_rss = self.job_pss = 0
+
+    def sample(self) -> None:
+        try:
+            tree = [self.root, *self.root.children(recursive=True)]
+            self.driver_rss = max(self.driver_rss, self.root.memory_info().rss)
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for p in tree:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        self.job_pss = max(self.job_pss, total)
+
+
+def dry_run(prompts: Path, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "jobs/plan.py", f"dataset.path={prompts}", "dataset.id_column=id", *overrides]
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = Watch(proc)
+    while proc.poll() is None:
+        watch.sample()
+        time.sleep(1.0)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"dry run failed:\n{err[-3000:]}")
+    eff = re.search(r"efficiency ([\d.]+) sorted in windows, ([\d.]+) with one global sort", out)
+    rate = re.search(r"prepared:\s+in ([\d.]+)s \((\d+) rows/s\)", out)
+    return {
+        "dry_run_s": round(time.time() - started, 1),
+        "prepare_s": float(rate.group(1)),
+        "prepare_rows_per_s": int(rate.group(2)),
+        "dry_run_driver_rss_mib": watch.driver_rss >> 20,
+        "dry_run_job_pss_mib": watch.job_pss >> 20,
+        "padding_windowed": float(eff.group(1)),
+        "padding_global": float(eff.group(2)),
+        "plan": re.search(r"plan:\s+(.*)", out).group(1),
+    }
+
+
+def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: float, timeout: float) -> dict:
+    cmd = [
+        sys.executable,
+        "jobs/generate.py",
+        f"dataset.path={prompts}",
+        "dataset.id_column=id",
+        f"output.dir={out_dir}",
+        "output.overwrite=true",
+        *overrides,
+    ]
+    started = time.time()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    watch = Watch(proc)
+    first = None
+    while proc.poll() is None and time.time() - started < timeout:
+        watch.sample()
+        if first is None and any(out_dir.glob("part-*.parquet")):
+            first = time.time() - started
+        if first is not None and time.time() - started > first + run_seconds:
+            break
+        time.sleep(0.5)
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    if finished and proc.returncode:
+        raise RuntimeError(f"the job failed:\n{proc.stderr.read()[-3000:]}")
+    return {
+        "first_shard_s": round(first, 1) if first is not None else None,
+        "shards_committed": len(list(out_dir.glob("part-*.parquet"))),
+        "job_finished": finished,
+        "driver_rss_mib": watch.driver_rss >> 20,
+        "job_pss_mib": watch.job_pss >> 20,
+        "observed_s": round(time.time() - started, 1),
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| prompts | dry run s | prepare rows/s | dry-run driver RSS MiB | padding windowed | padding global "
+        "| first shard s | job driver RSS MiB | job PSS MiB |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in results:
+        lines.append(
+            f"| {r['prompts']:,} | {r.get('dry_run_s', '-')} | {r.get('prepare_rows_per_s', '-')} "
+            f"| {r.get('dry_run_driver_rss_mib', '-')} | {r.get('padding_windowed', '-')} "
+            f"| {r.get('padding_global', '-')} | {r.get('first_shard_s', '-')} | {r.get('driver_rss_mib', '-')} "
+            f"| {r.get('job_pss_mib', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--run-seconds", type=float, default=30.0, help="how long the job runs after its first shard")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up on a first shard after this long")
+    parser.add_argument("--skip", default="", help="dry,job: parts not to run")
+    parser.add_argument("--out", default="outputs/bench_scale")
+    args = parser.parse_args()
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [f"generation.max_new_tokens={args.max_new_tokens}", f"batching.shard_size={args.shard_size}"]
+    results = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        prompts = write_prompts(out / f"prompts-{n}.jsonl", n)
+        result = {"prompts": n, "input_mib": prompts.stat().st_size >> 20}
+        if "dry" not in args.skip:
+            result.update(dry_run(prompts, overrides))
+        if "job" not in args.skip:
+            result.update(real_job(prompts, out / f"run-{n}", overrides, args.run_seconds, args.timeout))
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    text = table(results)
+    print("\n" + text)
+    (out / "bench_scale.json").write_text(json.dumps(results, indent=2))
+    (out / "bench_scale.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
