@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_jsonl
 from tests.integration.jobs import assert_complete, expected_ids, job_args, wait_for_files
 
 PORT = "6391"
@@ -128,10 +128,11 @@ def test_a_worker_larger_than_any_node_is_refused_at_once(two_nodes, prompts, tm
     assert "cluster.cpus_per_worker=2: no node of the cluster has that many CPUs (the largest has 1" in result.stderr
 
 
-def test_a_node_added_mid_job_gets_a_worker(two_nodes, prompts, tmp_path):
+def test_a_node_added_mid_job_gets_a_worker(two_nodes, t0_rows, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in t0_rows if len(r["prompt"]) < 500][:48])
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=48"),
+        job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=64"),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
