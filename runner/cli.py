@@ -47,12 +47,12 @@ def generate(cfg: Any) -> int:
     return 0
 
 
-def plan(cfg: Any) -> int:
+def plan(cfg: Any, compare_global: bool = False) -> int:
     """Dry run: print the plan of the job a Hydra config describes. Exits with 2 on bad config or input."""
     from runner.dryrun import dry_run
 
     try:
-        report = dry_run(to_job_config(cfg))
+        report = dry_run(to_job_config(cfg), compare_global)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.config import ConfigError, DatasetConfig
+from runner.output import redact
 
 SHOW = 5  # how many offending ids an error message lists
 
@@ -127,7 +128,7 @@ def prompts_from_table(
     else:
         messages, problems = _check_messages(table.column(cfg.messages_column).to_pylist(), ids, cfg.messages_column)
     if problems:
-        raise ConfigError(problems, title=f"bad input in {cfg.path}")
+        raise ConfigError(problems, title=f"bad input in {redact(cfg.path)}")
     carry = table.drop_columns([cfg.prompt_column] if cfg.prompt_column else [])
     carry = carry.rename_columns([f"input_{c}" if c in reserved_columns else c for c in carry.column_names])
     return Prompts(ids=ids, prompts=prompts, messages=messages, carry=carry)
@@ -143,7 +144,8 @@ def _require_columns(table: pa.Table, cfg: DatasetConfig, needed: list[str]) -> 
         }
         raise ConfigError(
             [
-                f"{keys[c]}={c!r}: no such column in {cfg.path}; the columns are {', '.join(table.column_names)}"
+                f"{keys[c]}={c!r}: no such column in {redact(cfg.path)}; "
+                f"the columns are {', '.join(table.column_names)}"
                 for c in missing
             ]
         )
@@ -279,6 +281,48 @@ def verbatim_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     if all(text == prefix + probe + suffix for text, probe in zip(rendered, PROBES)):
         return prefix, suffix
     return None
+
+
+def render_and_tokenize(prompts: Prompts, tokenizer: Any, chat_template: str) -> tuple[list[str], list[list[int]]]:
+    """The text given to the tokenizer and its token ids, for every row (what `render` + `tokenize` give).
+
+    When the chat template wraps a plain prompt verbatim between a fixed prefix and suffix
+    that meet the prompt at special tokens, only the prompt's own segment is tokenized per
+    row: a tokenizer splits its input at special tokens first and encodes the pieces
+    between them independently, so the pieces' ids can be reused. Checked on probe texts;
+    any difference and every text is tokenized whole.
+    """
+    texts, add_special = render(prompts, tokenizer, chat_template)
+    pieces = _template_pieces(tokenizer) if prompts.prompts is not None and not add_special else None
+    if pieces is None:
+        return texts, tokenize(tokenizer, texts, add_special)
+    head, lead, tail = pieces
+    middle = tokenize(tokenizer, [lead + p for p in prompts.prompts], False)
+    return texts, [head + m + tail for m in middle]
+
+
+def _template_pieces(tokenizer: Any) -> tuple[list[int], str, list[int]] | None:
+    """(ids of the prefix up to its last special token, the rest of the prefix, ids of the suffix), or None."""
+    wrap = verbatim_user_turn(tokenizer)
+    added = {t.content: t for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    if wrap is None or not added:
+        return None
+    prefix, suffix = wrap
+    ends = [(prefix.rfind(a) + len(a), a) for a in added if a in prefix]
+    starts = [a for a in added if suffix.startswith(a)]
+    if not ends or not starts:
+        return None
+    cut, before = max(ends)
+    after = max(starts, key=len)
+    if added[before].rstrip or added[after].lstrip:  # they would eat whitespace across the cut
+        return None
+    head, tail = tokenize(tokenizer, [prefix[:cut], suffix], False)
+    lead = prefix[cut:]
+    for probe in PROBES:
+        whole = tokenize(tokenizer, [prefix + probe + suffix], False)[0]
+        if whole != head + tokenize(tokenizer, [lead + probe], False)[0] + tail:
+            return None
+    return head, lead, tail
 
 
 def _apply_template(tokenizer: Any, conversation: list[dict[str, str]]) -> str:

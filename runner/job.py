@@ -127,11 +127,15 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
             )
             ended = stream.stats.prepared_s is not None
             feed = TaskFeed(windows, first, max_queued=2 * -(-job.batching.sort_window // job.batching.shard_size) + 8)
+            known_shards = len(first) if ended else None
+            del first  # the feed holds the tasks now: prepared rows are freed as their shards finish
             try:
-                pool = session.workers(job, setup, len(first) if ended else None)
+                pool = session.workers(job, setup, known_shards)
                 pool.run(setup, feed, bar)
             finally:
                 feed.close()
+            if not (feed.finished and stream.finished):
+                raise RuntimeError("planning stopped before the end of the input; rerun the same command")
         if stream.single_window is not None:
             session.keep_chunks(job, stream.single_window)
         totals = bar.close()

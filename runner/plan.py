@@ -161,7 +161,8 @@ def plan_shards(
     whole = hashlib.sha256(f"{settings}:{shard_size}".encode())
     shards = []
     for shard in group_shards(batches, shard_size):
-        digest = hashlib.sha256(f"{settings}|{first_shard_id + shard.shard_id}".encode())
+        first_batch = shard.batches[0].batch_id  # batch ids are columns of the file: a part of what it holds
+        digest = hashlib.sha256(f"{settings}|{first_shard_id + shard.shard_id}|{first_batch}".encode())
         for batch in shard.batches:
             digest.update(b"|")
             digest.update(",".join(f"{keys[r]}={lengths[r]}" for r in batch.rows).encode())

@@ -63,7 +63,12 @@ class ChunkMeta:
 class ChunkPreparer:
     """Holds one job's tokenizer and prepares its chunks (a Ray actor in a job; plain Python in tests)."""
 
-    def __init__(self, spec: PrepareSpec):
+    def __init__(self, spec: PrepareSpec, background: bool = False):
+        """Args: background: lower this process's CPU priority (an actor beside CPU workers)."""
+        if background:
+            import os
+
+            os.nice(10)  # preparing ahead must not slow the workers generating on the same cores
         self.spec = spec
         self._tokenizer: Any = None
 
@@ -87,11 +92,10 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     try:
         table = data.parse_chunk(chunk)
         prompts = data.prompts_from_table(table, spec.dataset, spec.reserved_columns, chunk.first_row)
-        texts, add_special = data.render(prompts, tokenizer, spec.model.chat_template)
+        texts, input_ids = data.render_and_tokenize(prompts, tokenizer, spec.model.chat_template)
     except ConfigError as e:
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
-    input_ids = data.tokenize(tokenizer, texts, add_special)
     truncated, too_long = fit_context(input_ids, spec)
     meta = ChunkMeta(
         rows=len(texts),

@@ -55,6 +55,7 @@ class WorkerPlan:
     count: int
     options: dict[str, Any]
     threads: int | None
+    wanted: int = 0  # the slots the cluster had: more than `count` when the job has fewer shards
 
 
 def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> WorkerPlan:
@@ -96,7 +97,7 @@ def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> Worke
             count,
             count - num_shards,
         )
-    return WorkerPlan(max(1, min(count, num_shards or count)), options, threads)
+    return WorkerPlan(max(1, min(count, num_shards or count)), options, threads, count)
 
 
 class WorkerPool:
@@ -178,8 +179,8 @@ class WorkerPool:
 
     def _follow_cluster(self) -> None:
         """Start workers on resources that joined the cluster (a node added, the autoscaler)."""
-        if self.setup.job.cluster.num_workers:
-            return
+        if self.setup.job.cluster.num_workers or self.workers.count < self.workers.wanted:
+            return  # a fixed worker count, or a job with fewer shards than slots
         try:
             target = plan_workers(self.setup.job.cluster).count
         except ConfigError:

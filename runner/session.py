@@ -51,7 +51,8 @@ class Session:
     def _input_key_for(job: JobConfig) -> str:
         # What preparing a row depends on: the input, the model (tokenizer, template) and the room left in the
         # context for generation (too-long prompts are refused or cut against it).
-        return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens)
+        # The chunks are cut to the sort window, so a sweep over it prepares again.
+        return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
 
     def workers(self, job: JobConfig, setup: Any, num_tasks: int | None) -> Any:
         """A pool of workers holding this job's model: the previous job's when it is the same model."""

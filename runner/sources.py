@@ -10,9 +10,9 @@ no torch.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +111,8 @@ def _resolve_uri(uri: str) -> Source:
             selector = pafs.FileSelector(root, recursive=pattern is not None and "/" in pattern, allow_not_found=True)
             infos = [i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
             if pattern is not None:
-                infos = [i for i in infos if fnmatch.fnmatch(i.path[len(root) :].lstrip("/"), pattern)]
+                matches = _glob_regex(pattern).fullmatch
+                infos = [i for i in infos if matches(i.path[len(root) :].lstrip("/"))]
             else:
                 infos = [i for i in infos if _is_data_name(i.base_name)]
             files = sorted(i.path for i in infos)
@@ -131,6 +132,25 @@ def _resolve_uri(uri: str) -> Source:
         raise ConfigError([f"dataset.path={shown!r}: no data file there (looked for {', '.join(FORMATS)})"])
     prefix = shown.split("://", 1)[0] + "://"
     return Source(fs, _typed(shown, [(f, prefix + f) for f in files], folder=pattern is None and len(files) > 1))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as local globs read it: `*` and `?` stay inside a folder, `**/` spans any number of folders."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _is_data_name(name: str) -> bool:
@@ -263,7 +283,9 @@ def _jsonl_chunks(fs: pafs.FileSystem, f: InputFile, chunk_rows: int) -> Iterato
                     tail = data
                     continue
                 data, tail = data[:cut], data[cut + 1 :]
-            for line in data.split(b"\n") if data else []:
+            elif not data:
+                break  # the file ended with a newline
+            for line in data.split(b"\n"):
                 number += 1
                 if line.strip():
                     lines.append(line)

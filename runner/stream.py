@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from runner import output, plan, sources
 from runner.config import ConfigError, JobConfig
+from runner.output import redact
 from runner.prepare import ChunkMeta, ChunkPreparer, PrepareSpec
 from runner.worker import ShardTask
 
@@ -99,6 +100,7 @@ class JobStream:
         self.shards: list[PlannedShard] = []
         self.carry_schema: pa.Schema | None = None
         self.single_window: list[tuple[ChunkMeta, Any]] | None = None  # the whole input, when it fit one window
+        self.finished = False  # every window planned: the plan is complete
         self._seen_ids = np.zeros(0, dtype=np.uint64)  # sorted
         self._next_batch = 0
 
@@ -118,6 +120,7 @@ class JobStream:
             if count == 0:
                 self.single_window = list(window)
             yield self._plan_window(window)
+        self.finished = True
 
     def _prepared(self) -> Iterator[tuple[ChunkMeta, Any]]:
         if self.cached is not None:
@@ -137,7 +140,7 @@ class JobStream:
         # at a time, and a few more chunks wait in their queues so no core idles while the driver plans.
         count = min(MAX_PREPARERS, max(1, int(ray.cluster_resources().get("CPU", 1))))
         preparer = ray.remote(ChunkPreparer).options(num_cpus=0, scheduling_strategy="SPREAD")
-        actors = [preparer.remote(self.spec) for _ in range(count)]
+        actors = [preparer.remote(self.spec, background=True) for _ in range(count)]
         pending: deque = deque()
         try:
             for k, chunk in enumerate(chunks):
@@ -187,14 +190,16 @@ class JobStream:
             for batch in shard.batches:
                 batches.append((batch.batch_id, start, start + len(batch.rows)))
                 start += len(batch.rows)
+            take = where[np.array(shard.rows, dtype=np.int64)]
+            used, take[:, 0] = np.unique(take[:, 0], return_inverse=True)  # only the chunks it takes rows from
             tasks.append(
                 ShardTask(
                     shard_id=shard.shard_id,
                     file_name=name,
                     fingerprint=shard.fingerprint,
                     batches=batches,
-                    parts=[ref for _, ref in window],
-                    take=where[np.array(shard.rows, dtype=np.int64)],
+                    parts=[window[k][1] for k in used.tolist()],
+                    take=take,
                 )
             )
         for shard in sorted(the_plan.shards, key=lambda s: s.shard_id):
@@ -240,7 +245,7 @@ class JobStream:
                     f"generation.max_new_tokens={g.max_new_tokens}: {shown}; shorten them, lower max_new_tokens, "
                     "or set dataset.too_long=truncate_left to keep their ends"
                 ],
-                title=f"bad input in {self.job.dataset.path}",
+                title=f"bad input in {redact(self.job.dataset.path)}",
             )
         self._check_columns(metas)
         self._check_ids(window)
@@ -253,6 +258,7 @@ class JobStream:
                     [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in m.carry_schema]
                 )
                 continue
+            self._check_types(m)
             new = [n for n in m.carry_schema.names if n not in self.carry_schema.names]
             if new:
                 raise ConfigError(
@@ -262,8 +268,26 @@ class JobStream:
                         f"({', '.join(self.carry_schema.names) or 'none'}). Add them (null) to the first rows, or "
                         "drop them"
                     ],
-                    title=f"bad input in {self.job.dataset.path}",
+                    title=f"bad input in {redact(self.job.dataset.path)}",
                 )
+
+    def _check_types(self, m: ChunkMeta) -> None:
+        """A carried column keeps the type of the first rows (null, or anything as text, aside)."""
+        for f in m.carry_schema:
+            if f.name not in self.carry_schema.names:
+                continue
+            want = self.carry_schema.field(f.name).type
+            if f.type == want or pa.types.is_null(f.type) or pa.types.is_string(want):
+                continue
+            if pa.types.is_integer(f.type) and pa.types.is_floating(want):
+                continue
+            raise ConfigError(
+                [
+                    f"{m.file}: column {f.name!r} holds {f.type} values from row {m.first_row} of the input on, "
+                    f"but {want} in its first rows; give the column one type in every file"
+                ],
+                title=f"bad input in {redact(self.job.dataset.path)}",
+            )
 
     def _check_ids(self, window: list[tuple[ChunkMeta, Any]]) -> None:
         hashes = np.concatenate([m.id_hashes for m, _ in window]) if window else np.zeros(0, np.uint64)
@@ -277,7 +301,7 @@ class JobStream:
                     f"{self._name_ids(window, repeated)}; deduplicate the input, or set dataset.id_column=null "
                     "to use row numbers"
                 ],
-                title=f"bad input in {self.job.dataset.path}",
+                title=f"bad input in {redact(self.job.dataset.path)}",
             )
         self._seen_ids = np.union1d(self._seen_ids, unique)
 
@@ -311,6 +335,7 @@ class TaskFeed:
         self._ended = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self.finished = False  # every window was planned and queued, without an error
         self._thread = threading.Thread(target=self._fill, args=(windows,), name="runner-planner", daemon=True)
         self._thread.start()
 
@@ -326,28 +351,33 @@ class TaskFeed:
                             continue
                     if self._stop.is_set():
                         return
+            self.finished = True
         except BaseException as e:  # handed to the scheduler's thread, which raises it
             self._error = e
         finally:
             self._ended.set()
 
     def next(self) -> ShardTask | None:
-        """The next task if one is ready now (None otherwise); raises what the planner raised."""
+        """The next task if one is ready now (None otherwise); raises what the planner raised.
+
+        Once planning has failed no further task is handed out: the job stops with the error.
+        """
+        if self._error is not None:
+            raise self._error
         if self._ready:
             return self._ready.popleft()
         try:
             return self._queue.get_nowait()
         except queue.Empty:
-            if self._error is not None:
-                raise self._error from None
             return None
 
     @property
     def exhausted(self) -> bool:
-        """No task is left and none will come."""
+        """No task is left and none will come (raises what the planner raised instead)."""
+        ended = self._ended.is_set()  # read before the error: the planner sets the error, then ends
         if self._error is not None:
             raise self._error
-        return self._ended.is_set() and not self._ready and self._queue.empty()
+        return ended and not self._ready and self._queue.empty()
 
     def close(self) -> None:
         self._stop.set()

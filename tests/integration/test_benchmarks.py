@@ -31,6 +31,16 @@ def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
     assert "| runner |" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_the_scale_benchmark_measures_a_small_input(tmp_path):
+    args = ["jobs/bench_scale.py", "--sizes", "300", "--shard-size", "50", "--run-seconds", "2", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert row["prompts"] == 300 and row["first_shard_s"] > 0 and row["shards_committed"] >= 1
+    assert 0.5 < row["padding_windowed"] <= 1 and 0 < row["driver_rss_mib"] < row["job_pss_mib"]
+    assert "| 300 |" in (tmp_path / "bench_scale.md").read_text()
+
+
 def test_the_sweep_benchmark_runs(tmp_path):
     args = ["jobs/bench_sweep.py", "--rows", "4", "--max-new-tokens", "4", "--out", str(tmp_path)]
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=1200)

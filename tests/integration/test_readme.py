@@ -40,6 +40,7 @@ ELSEWHERE = [
     ("RAY_AUTH_MODE=token .venv/bin/python jobs/submit.py", "tests/integration/test_cluster.py", '"jobs/submit.py"'),
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),
     (".venv/bin/python jobs/benchmark.py", "tests/integration/test_benchmarks.py", '"jobs/benchmark.py"'),
+    (".venv/bin/python jobs/bench_scale.py", "tests/integration/test_benchmarks.py", '"jobs/bench_scale.py"'),
 ]
 SPARK = "pyspark"  # the Spark block runs in the slow Spark test (tests/integration/test_benchmarks.py)
 

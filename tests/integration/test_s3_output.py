@@ -100,18 +100,21 @@ def test_prompts_from_a_folder_of_files_on_s3_run_and_no_credential_is_printed(s
     out = tmp_path / "run"
     args = [a for a in job_args(prompts, out, "cluster.num_workers=1") if not a.startswith("dataset.path=")]
     env = {**os.environ, **CREDENTIALS}
-    result = subprocess.run(
-        [*args, f"dataset.path='s3://runner-test/prompts?{query}'"], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    # the credentials inside the URI this time: they must not show anywhere either
+    key, secret = CREDENTIALS["AWS_ACCESS_KEY_ID"], CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    uri = f"s3://{key}:{secret}@runner-test/prompts?{query}"
+    result = subprocess.run([*args, f"dataset.path='{uri}'"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_complete(out, expected_ids(prompts))
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
 
+    manifest = (out / "_manifest.json").read_text()
+    assert secret not in manifest
     missing = subprocess.run(
-        [*args, f"dataset.path='s3://runner-test/nothing-here/*.jsonl?{query}'"],
+        [*args, f"dataset.path='s3://{key}:{secret}@runner-test/nothing-here/*.jsonl?{query}'"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
     )
-    assert missing.returncode == 2 and "no data file there" in missing.stderr
+    assert missing.returncode == 2 and "no data file there" in missing.stderr and secret not in missing.stderr

@@ -28,7 +28,7 @@ def split_into_folder(t0_rows, folder, files=2, per_file=6) -> list[dict]:
 def test_the_dry_run_plans_a_folder_without_a_model_and_writes_nothing(t0_rows, tmp_path):
     split_into_folder(t0_rows, tmp_path / "prompts", files=3, per_file=8)
     args = job_args(tmp_path / "prompts", tmp_path / "never", "batching.sort_window=8")
-    result = run([sys.executable, "jobs/plan.py", *args[2:]], env=None)
+    result = run([sys.executable, "jobs/plan.py", "--compare-global-sort", *args[2:]], env=None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rows:        24 " in result.stdout and "3 sort window(s) of 8 rows" in result.stdout
     assert re.search(r"9 batches in \d+ shards", result.stdout) and "longest prompts: 't0-" in result.stdout

@@ -163,3 +163,17 @@ def test_tokenize_gives_the_tokenizers_own_ids(embedded_model_dir, t0_rows):
     texts = [r["prompt"] for r in t0_rows[:200]]
     for special in (True, False):
         assert tokenize(tok, texts, special, batch=64) == tok(texts, add_special_tokens=special)["input_ids"]
+
+
+def test_rendered_and_tokenized_rows_equal_the_tokenizer_on_the_whole_text(embedded_model_dir, t0_rows):
+    from runner.data import Prompts, _template_pieces, render_and_tokenize
+    from runner.model import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_dir)
+    assert _template_pieces(tok) is not None  # SmolLM2's ChatML template: the prompt's segment alone is encoded
+    prompts = [r["prompt"] for r in t0_rows[:300]] + ["<|im_end|> inside", " lead", "tail\n", "\n\nx"]
+    rows = Prompts([str(i) for i in range(len(prompts))], prompts, None, pa.table({}))
+    texts, ids = render_and_tokenize(rows, tok, "auto")
+    assert ids == tok(texts, add_special_tokens=False)["input_ids"]
+    raw_texts, raw_ids = render_and_tokenize(rows, tok, "none")  # no template: the tokenizer's own specials
+    assert raw_texts == prompts and raw_ids == tok(prompts)["input_ids"]

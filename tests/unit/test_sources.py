@@ -82,3 +82,27 @@ def test_a_json_array_file_is_one_table(tmp_path):
     (tmp_path / "bad.json").write_text('{"id": 1}')
     with pytest.raises(ConfigError, match="list of objects"):
         ids_read(tmp_path / "bad.json")
+
+
+def test_limit_inside_a_chunk_and_crlf_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": "a"}\r\n{"id": "b"}\r\n\r\n{"id": "c"}\r\n')
+    assert ids_read(path, chunk_rows=10, limit=2) == ["a", "b"]
+    assert ids_read(path, chunk_rows=10) == ["a", "b", "c"]
+
+
+def test_a_block_that_starts_with_a_blank_line_keeps_line_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 12)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x"}\n\n{"id": "y"}\n')  # the second read starts with the blank line
+    cfg = DatasetConfig(path=str(path))
+    [chunk] = list(sources.read_chunks(sources.resolve(cfg), cfg, 10))
+    assert chunk.line_numbers.tolist() == [1, 3]
+
+
+def test_uri_globs_match_like_local_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "top.jsonl", [{"id": "t"}])
+    write_jsonl(tmp_path / "sub" / "deep.jsonl", [{"id": "d"}])
+    assert ids_read(f"file://{tmp_path}/*.jsonl") == ["t"]  # `*` does not cross folders
+    assert ids_read(f"file://{tmp_path}/**/*.jsonl") == ids_read(f"{tmp_path}/**/*.jsonl") == ["d", "t"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runner import output, stream
@@ -114,3 +116,31 @@ def test_too_long_prompts_are_refused_or_cut_from_the_left(tmp_path, embedded_mo
     # the end of the prompt (the chat template's assistant turn) is what is kept
     assert by_id["long"][TOKENS][-3:] == by_id["short"][TOKENS][-3:]
     assert cut.stats.truncated == 1
+
+
+def test_the_feed_hands_out_tasks_then_raises_what_planning_raised():
+    def windows():
+        yield ["t1", "t2"]
+        raise ConfigError(["bad row in window 2"])
+
+    feed = stream.TaskFeed(windows(), ["t0"], max_queued=1)
+    got = []
+    with pytest.raises(ConfigError, match="bad row in window 2"):
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            task = feed.next()
+            if task is not None:
+                got.append(task)
+            elif feed.exhausted:
+                break
+    assert got[0] == "t0" and not feed.finished  # an error never reads as the end of the input
+
+
+def test_the_feed_ends_when_the_windows_do():
+    feed = stream.TaskFeed(iter([["a"], [], ["b", "c"]]), [], max_queued=1)
+    got, deadline = [], time.time() + 10
+    while not feed.exhausted and time.time() < deadline:
+        task = feed.next()
+        if task is not None:
+            got.append(task)
+    assert got == ["a", "b", "c"] and feed.finished
