@@ -34,6 +34,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 T0 = Path(os.environ.get("RUNNER_T0_DATA", REPO.parent / "shared" / "data" / "t0_mix_2k.jsonl"))
 MAX_PROMPT_CHARS = 1000  # T0 prompts up to this long: about 120 tokens each with the chat template
+SETTLE_S = 5.0  # after a run is stopped, before the next one starts
 
 
 def write_prompts(path: Path, n: int) -> Path:
@@ -76,6 +77,23 @@ class Watch:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         self.job_pss = max(self.job_pss, total)
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Kill the driver and every process it started (Ray's servers run in sessions of their own)."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=60)
+    time.sleep(SETTLE_S)
 
 
 def dry_run(prompts: Path, overrides: list[str]) -> dict:
@@ -132,7 +150,7 @@ def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: fl
         time.sleep(0.5)
     finished = proc.poll() is not None
     if not finished:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        stop_tree(proc)
     proc.wait()
     if finished and proc.returncode:
         raise RuntimeError(f"the job failed:\n{proc.stderr.read()[-3000:]}")

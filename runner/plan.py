@@ -113,16 +113,20 @@ def cut_batches(
 
 
 def group_shards(batches: Sequence[Batch], shard_size: int) -> list[Shard]:
-    """Group consecutive batches into shards of about `shard_size` rows (whole batches only)."""
+    """Group consecutive batches into shards of at most `shard_size` rows (whole batches only).
+
+    A shard never exceeds the size asked for, so the work a worker takes at once (and the
+    wait for the first committed file) stays bounded.
+    """
     shards: list[Shard] = []
     current: list[Batch] = []
     rows = 0
     for batch in batches:
-        current.append(batch)
-        rows += len(batch.rows)
-        if rows >= shard_size:
+        if current and rows + len(batch.rows) > shard_size:
             shards.append(Shard(len(shards), tuple(current)))
             current, rows = [], 0
+        current.append(batch)
+        rows += len(batch.rows)
     if current:
         shards.append(Shard(len(shards), tuple(current)))
     return shards

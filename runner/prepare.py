@@ -64,15 +64,14 @@ class ChunkPreparer:
     """Holds one job's tokenizer and prepares its chunks (a Ray actor in a job; plain Python in tests)."""
 
     def __init__(self, spec: PrepareSpec, background: bool = False):
-        """Args: background: lower this process's CPU priority (an actor beside CPU workers)."""
-        if background:
-            import os
-
-            os.nice(10)  # preparing ahead must not slow the workers generating on the same cores
+        """Args: background: run only on CPU time that workers leave idle (an actor beside CPU workers)."""
         self.spec = spec
+        self.background = background
         self._tokenizer: Any = None
 
     def prepare(self, chunk: Any) -> tuple[ChunkMeta, pa.Table | None]:
+        if self.background:
+            _yield_cpu()
         if self._tokenizer is None:
             from runner import model as model_lib
 
@@ -81,6 +80,21 @@ class ChunkPreparer:
             except ConfigError as e:
                 return _failed(chunk, e.problems, e.title), None
         return prepare_chunk(chunk, self.spec, self._tokenizer)
+
+
+def _yield_cpu() -> None:
+    """Preparing ahead must not slow the workers generating on the same cores: schedule this thread
+    only on CPU time they leave idle (SCHED_IDLE; Linux sets it per thread), or at the lowest priority."""
+    import os
+
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19 - os.nice(0))
+        except OSError:
+            pass
 
 
 def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkMeta, pa.Table | None]:

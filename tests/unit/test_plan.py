@@ -38,10 +38,10 @@ def test_a_row_too_long_for_the_budget_gets_a_batch_of_its_own():
     assert batches[0].rows == (0,) and batches[1].rows == (1, 2)
 
 
-def test_shards_hold_whole_batches_of_about_shard_size_rows():
+def test_shards_hold_whole_batches_of_at_most_shard_size_rows():
     plan = make_plan([10] * 95, budget=10**6, size=8, shard=20)
-    assert [s.num_rows for s in plan.shards] == [24, 24, 24, 23]
-    assert [s.shard_id for s in plan.shards] == [0, 1, 2, 3]
+    assert [s.num_rows for s in plan.shards] == [16, 16, 16, 16, 16, 15]
+    assert [s.shard_id for s in plan.shards] == [0, 1, 2, 3, 4, 5]
     batch_ids = [b.batch_id for s in plan.shards for b in s.batches]
     assert batch_ids == sorted(set(batch_ids))
 
