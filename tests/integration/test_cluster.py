@@ -128,6 +128,7 @@ def test_a_worker_larger_than_any_node_is_refused_at_once(two_nodes, prompts, tm
     assert "cluster.cpus_per_worker=2: no node of the cluster has that many CPUs (the largest has 1" in result.stderr
 
 
+@pytest.mark.slow  # it leaves a third node in the shared cluster, which the node-loss test below must not see
 def test_a_node_added_mid_job_gets_a_worker(two_nodes, t0_rows, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in t0_rows if len(r["prompt"]) < 500][:48])
     out = tmp_path / "run"
