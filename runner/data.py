@@ -336,7 +336,9 @@ def tokenize(tokenizer: Any, texts: list[str], add_special_tokens: bool, batch: 
     for start in range(0, len(texts), batch):
         part = texts[start : start + batch]
         if backend is not None:
-            ids.extend(e.ids for e in backend.encode_batch(part, add_special_tokens=add_special_tokens))
+            # encode_batch_fast (tokenizers >= 0.20) skips character offsets: a quarter less time
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            ids.extend(e.ids for e in encode(part, add_special_tokens=add_special_tokens))
         else:
             enc = tokenizer(part, add_special_tokens=add_special_tokens, padding=False, truncation=False)
             ids.extend(enc["input_ids"])
