@@ -1,10 +1,14 @@
 """Throughput benchmark: the same prompts through the plain recipe, sorted batches, the pipeline,
-a Ray Data peer and the runner, in one invocation.
+a Ray Data peer, transformers' continuous batching and the runner, in one invocation.
 
 Usage:
-    python jobs/benchmark.py                          # default workload (about 25 minutes on 2 CPU cores)
+    python jobs/benchmark.py                          # short workload: 32 new tokens (about 30 minutes on 2 CPU cores)
+    python jobs/benchmark.py --workload long          # T0 and chat prompts mixed, 256 new tokens
     python jobs/benchmark.py --n 32 --systems plain,runner          # a quick look
     python jobs/benchmark.py --max-prompt-tokens 0    # the uncapped mix (prompts up to 4,000 tokens)
+
+The long workload mixes answers of very different lengths: T0 prompts (a label or a few words)
+and chat requests (essays, stories, guides) that run to the 256-token limit, in turn.
 
 Every system runs greedy decoding with the same model, quantization and max_new_tokens on the
 same rendered prompts. Prints a table (generated tokens/s, wall time, both padding efficiencies,
@@ -21,20 +25,49 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("plain", "sorted", "pipeline", "ray_data", "runner", "runner_2w")
+SYSTEMS = ("plain", "sorted", "pipeline", "ray_data", "generate_batch", "runner", "runner_2w")
+DEFAULTS = {  # per workload: prompts, new tokens, systems
+    "short": {"n": 256, "max_new_tokens": 32, "systems": "plain,sorted,pipeline,ray_data,runner,runner_2w"},
+    "long": {"n": 64, "max_new_tokens": 256, "systems": "plain,sorted,generate_batch,runner"},
+}
+CHAT_TOPICS = [
+    "the history of the printing press",
+    "how vaccines train the immune system",
+    "a lighthouse keeper's last night",
+    "why the sky is blue",
+    "planning a vegetable garden",
+    "the water cycle",
+    "a robot learning to paint",
+    "how a bill becomes a law",
+    "the life of honey bees",
+    "learning a second language as an adult",
+    "a journey across the Sahara",
+    "how compilers turn code into programs",
+    "the causes of the First World War",
+    "a city that floats on the sea",
+    "how to train for a first marathon",
+    "the invention of the telephone",
+]
+CHAT_FORMS = [
+    "Write a detailed essay about {}.",
+    "Explain {} to a curious teenager, with examples, in several paragraphs.",
+    "Write a short story about {}.",
+    "Give a step-by-step guide to {}, explaining each step.",
+]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", default=str(REPO.parent / "shared" / "data" / "t0_mix_2k.jsonl"))
-    parser.add_argument("--n", type=int, default=256, help="prompts to take (default 256)")
+    parser.add_argument("--workload", default="short", choices=sorted(DEFAULTS), help="short (default) or long")
+    parser.add_argument("--n", type=int, help="prompts to take (default: short 256, long 64)")
     parser.add_argument(
         "--max-prompt-tokens", type=int, default=1024, help="skip longer prompts; 0 takes every prompt (default 1024)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, help="default: short 32, long 256")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
     parser.add_argument("--model", default="embedded:SmolLM2-135M-Instruct")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    parser.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)} (default: per workload)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch of the fixed-size systems")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU threads every system gets")
     parser.add_argument("--out", default="outputs/benchmark")
@@ -42,6 +75,9 @@ def parse_args() -> argparse.Namespace:
         "--runner-override", action="append", default=[], help="extra Hydra override for the runner (repeatable)"
     )
     args = parser.parse_args()
+    for key, value in DEFAULTS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
@@ -59,6 +95,11 @@ def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tupl
     tokenizer = model_lib.load_tokenizer(model_path, ModelConfig(name_or_path=model_path))
     with open(args.prompts, encoding="utf-8") as f:  # not splitlines(): prompts may hold U+2028
         rows = [json.loads(line) for line in f if line.strip()]
+    if args.workload == "long":  # a chat request after every T0 prompt
+        chat = [{"id": f"chat-{k}", "prompt": form.format(t)} for k, (t, form) in enumerate(_chat_requests())]
+        t0 = iter(rows)
+        rows = [r for pair in zip(t0, chat * (len(rows) // len(chat) + 1)) for r in pair]
+        rows = [dict(r, id=f"{r['id']}-{i}") if str(r["id"]).startswith("chat-") else r for i, r in enumerate(rows)]
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
@@ -75,6 +116,10 @@ def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tupl
     return ids, texts, [lengths[i] for i in picked]
 
 
+def _chat_requests() -> list[tuple[str, str]]:
+    return [(topic, form) for form in CHAT_FORMS for topic in CHAT_TOPICS]
+
+
 def run_system(name: str, args: argparse.Namespace, model_path: str, out: Path, ids, texts, lengths):
     from runner import bench_systems as systems
 
@@ -86,6 +131,8 @@ def run_system(name: str, args: argparse.Namespace, model_path: str, out: Path, 
         return systems.fixed_size("sorted", ids, texts, order, batch_size=args.batch_size, **common)
     if name == "pipeline":
         return systems.pipeline(ids, texts, batch_size=args.batch_size, **common)
+    if name == "generate_batch":
+        return systems.generate_batch(ids, texts, max_batch_tokens=args.batch_size * 512, **common)
     if name == "ray_data":
         return systems.ray_data(
             out / "workload.jsonl", batch_size=args.batch_size, cpus=args.cpus, out_dir=out / "ray_data", **common
@@ -117,6 +164,7 @@ def main() -> int:
     model_path = model_lib.resolve_model_path(args.model)
     ids, texts, lengths = write_workload(args, model_path, out)
     workload = {
+        "workload": args.workload,
         "prompts": len(ids),
         "source": args.prompts,
         "max_prompt_tokens": args.max_prompt_tokens or None,

@@ -25,6 +25,7 @@ class BatchRecord:
     completions: list[str]
     worker: str = "main"
     end_s: float | None = None  # seconds since the system started, when this call finished
+    row_steps: int | None = None  # tokens computed for its rows, when the system reports it (else rows x longest)
 
 
 @dataclass
@@ -64,8 +65,12 @@ def figures(result: SystemResult) -> dict[str, Any]:
     generated = sum(sum(b.completion_tokens) for b in result.batches)
     real_prompt = sum(sum(b.prompt_tokens) for b in result.batches)
     padded_prompt = sum(b.padded_prompt_tokens for b in result.batches)
-    # Generate runs every row of a batch until its longest row ends: rows x that many steps.
-    row_steps = sum(len(b.ids) * max(b.completion_tokens, default=0) for b in result.batches)
+    # A static batch runs every row until its longest row ends: rows x that many steps. Systems that
+    # drop ended rows (continuous batching) report what they computed.
+    row_steps = sum(
+        b.row_steps if b.row_steps is not None else len(b.ids) * max(b.completion_tokens, default=0)
+        for b in result.batches
+    )
     return {
         "system": result.name,
         "rows": rows,

@@ -127,6 +127,46 @@ def pipeline(
     return SystemResult("pipeline", wall, batches, notes=f"batch_size={batch_size}")
 
 
+def generate_batch(
+    ids: list[str], texts: list[str], model_path: str, quantization: str, max_new_tokens: int, max_batch_tokens: int
+) -> SystemResult:
+    """Transformers' own continuous batching: `model.generate_batch(token ids, generation_config)` (paged attention).
+
+    It runs every request to its end and drops it, as the runner's engine does: its row-steps
+    are the tokens its rows generated.
+    """
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching import ContinuousBatchingConfig
+
+    started = time.perf_counter()
+    tokenizer, model = load(model_path, quantization)
+    inputs = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.inference_mode():
+        outputs = model.generate_batch(
+            inputs=inputs,
+            generation_config=config,
+            continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens),
+            warmup=False,
+        )
+    wall = time.perf_counter() - started
+    end_ids = _end_ids(model, tokenizer)
+    by_request = sorted(outputs.values(), key=lambda o: int(str(o.request_id).rsplit("_", 1)[-1]))
+    records = []
+    for row_id, prompt, out in zip(ids, inputs, by_request):
+        tokens = list(out.generated_tokens)
+        n = completion_length(tokens, end_ids)
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        records.append(BatchRecord([row_id], [len(prompt)], len(prompt), [n], [text], row_steps=len(tokens)))
+    return SystemResult("generate_batch", wall, records, notes=f"max_batch_tokens={max_batch_tokens}")
+
+
 class RayDataGenerator:
     """The callable class a Ray Data user hands to `map_batches`: load once, generate each batch."""
 

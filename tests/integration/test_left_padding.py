@@ -1,16 +1,17 @@
-"""Greedy output from length-sorted, left-padded batches equals generating each prompt alone.
+"""Greedy output of the engine equals generating each prompt alone.
 
-This holds too where a batch's prompts are read in groups of similar length whose KV
-caches are then joined (`ShardGenerator.prefill`).
+The engine (`runner.engine`) runs rows of very different lengths together: they are read in
+groups of similar length, their KV caches joined left-padded, rows that end leave the running
+set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 20 prompts
+from the shared T0 mix, spread from the shortest to about 500 tokens, at most 7 running at
+once, so rows join and leave at many different steps and most carry left padding.
 
-The embedded SmolLM2-135M-Instruct; 20 prompts from the shared T0 mix, spread from the
-shortest to about 500 tokens, so every batch mixes lengths and most rows carry left
-padding. With the attention mask and mask-derived position ids, padded positions
-contribute nothing, but a batch of another shape runs other matrix kernels, whose
-float sums may round differently in the last bits. Where the two best next tokens
-are that close, the batched and the alone run may pick different ones, and from there
-the texts differ: users would see it, but it is not a bug. A bug (a pad token attended
-to, a position shifted) moves logits by whole units.
+With the attention mask and mask-derived position ids, padded positions contribute nothing,
+but a batch of another shape runs other matrix kernels, whose float sums may round
+differently in the last bits. Where the two best next tokens are that close, the batched and
+the alone run may pick different ones, and from there the texts differ: users would see it,
+but it is not a bug. A bug (a pad token attended to, a position shifted) moves logits by
+whole units.
 
 So every completion must equal the alone run's, or differ first at a near-tie: at the
 first differing token, the alone run's logits of its own choice and of the batched
@@ -27,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runner.plan import plan_shards
 from tests.unit.test_worker import make_generator
 
 PROMPTS = 20
@@ -67,15 +67,15 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     lengths = [len(p) for p in prompts]
     assert max(lengths) > 10 * min(lengths)  # very different lengths, so padding is real
 
-    plan = plan_shards([str(i) for i in chosen], lengths, MAX_NEW_TOKENS, 1, 10**6, 7, 1000)
-    batched, read_in_groups = {}, 0
-    for batch in plan.shards[0].batches:
-        assert len(set(lengths[r] for r in batch.rows)) > 1
-        results, stats = gen.generate_batch([prompts[r] for r in batch.rows], batch.batch_id)
-        batched.update({r: res for r, res in zip(batch.rows, results)})
-        read_in_groups += len(set(stats.row_padded)) > 1
-    assert read_in_groups  # some batches had their prompts read in groups, their KV caches joined
-    alone = {r: gen.generate_batch([prompts[r]], 0)[0][0] for r in range(PROMPTS)}
+    from runner.engine import Row
+
+    rows = [Row(r, str(chosen[r]), prompts[r]) for r in np.argsort(lengths, kind="stable")]  # plan order
+    gen.limits.max_sequences = 7
+    together = gen.engine.generate_all(rows)
+    batched = {f.key: f.result for f in together}
+    assert gen.engine.joins > 0 and len({f.batch_size for f in together}) > 1  # rows joined a running set
+    assert len({f.padded_length for f in together}) > 2  # prompts read in groups of similar length
+    alone = {r: gen.engine.generate_all([Row(r, str(chosen[r]), prompts[r])])[0].result for r in range(PROMPTS)}
 
     equal, not_near_ties = 0, []
     for r in range(PROMPTS):

@@ -31,7 +31,8 @@ def test_the_worker_reads_the_shape_and_derives_a_budget_when_none_is_set(tiny_l
 
     gen = make_generator(tiny_llama_dir, tmp_path)
     assert gen.setup.job.batching.max_batch_tokens is None
-    assert gen.token_limit == gen.memory_budget >= MIN_BUDGET
+    assert gen.limits.tokens() == gen.memory_budget >= MIN_BUDGET  # what the engine's running set may hold
     assert "bytes per token" in gen.ready()["token_budget"]
-    gen.setup.job.batching.max_batch_tokens = 4096  # an explicit budget is the planner's; the worker adds none
-    assert gen.token_limit is None
+    gen.setup.job.batching.max_batch_tokens = 4096  # an explicit budget bounds the running set instead
+    gen.configure(gen.setup)
+    assert gen.limits.tokens() == 4096

@@ -1,0 +1,534 @@
+"""The generation engine: continuous batching over a Hugging Face causal LM, 4-bit included.
+
+`Engine.generate` takes a shard's rows in plan order (sorted by length) and yields each
+sequence as soon as it ends. It keeps a running set of sequences that decode together,
+one token per step. A sequence leaves the set the step it ends (EOS, a stop string,
+`max_new_tokens`), so no decode step is spent on a finished row; when enough slots are
+free, the next waiting rows are read (prefill, in groups of similar length, each group
+left-padded only to its own longest prompt) and their KV caches join the running set's,
+left-padded to one width. Columns of the cache that only padding uses any more are cut.
+
+Sampling draws each token from a random stream of its own sequence: a uniform number
+derived from (seed, row id, sample index, step) alone, so the same config and data give
+the same samples whatever the batching, worker count, memory, retry or resume.
+
+Out of memory: a prefill that does not fit puts its rows back and the engine admits
+fewer; a decode step that does not fit sends the newest half of the running set back to
+wait (their samples come out the same when they run again). Either way the learned token
+limit (`Limits.learned`) holds for the rest of the worker's life. A sequence that does
+not fit even alone ends with finish_reason `error` (or raises, with on_row_error=fail).
+
+Plain torch and transformers: no Ray, no I/O. `runner.worker` turns a shard into rows
+through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner import plan
+
+REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
+STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each next token is chosen and when a sequence ends."""
+
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    pad_id: int
+    samples: int = 1  # sequences per row (num_return_sequences)
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_generation_config(cls, config: Any, seed: int, stop_strings: list[str] | None) -> Decoding:
+        eos = config.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
+        return cls(
+            max_new_tokens=config.max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=config.pad_token_id,
+            samples=config.num_return_sequences or 1,
+            do_sample=bool(config.do_sample),
+            temperature=config.temperature if config.do_sample else None,
+            top_k=config.top_k if config.do_sample else None,
+            top_p=config.top_p if config.do_sample else None,
+            repetition_penalty=config.repetition_penalty,
+            seed=seed,
+            stop_strings=tuple(stop_strings or ()),
+        )
+
+
+@dataclass
+class Limits:
+    """How much the running set may hold; `learned` is set after an out-of-memory error and kept."""
+
+    max_sequences: int
+    max_tokens: int | None = None  # KV-cache tokens (sequences x (widest prompt + max_new_tokens)), if bounded
+    step_cost_tokens: int = 64  # padding a prefill group may add before it is cheaper to read two groups
+    learned: int | None = None
+
+    def tokens(self) -> int | None:
+        known = [x for x in (self.max_tokens, self.learned) if x is not None]
+        return min(known) if known else None
+
+
+@dataclass
+class Row:
+    key: int  # the caller's index of the row
+    row_id: str  # the row's id: with the seed and the sample index, its random stream
+    input_ids: list[int]
+
+
+@dataclass
+class SequenceResult:
+    completion: str | None
+    completion_tokens: int | None
+    finish_reason: str  # stop, length, or error
+    error: str | None = None
+    tokens: list[int] | None = None  # the generated token ids up to where the sequence ended
+
+
+@dataclass
+class Finished:
+    """One ended sequence and how it was run."""
+
+    key: int
+    sample_index: int
+    result: SequenceResult
+    batch_size: int  # sequences decoding together once it joined the running set (itself included)
+    padded_length: int  # the width its prompt was read at (its prefill group's longest prompt)
+    steps: int  # tokens the engine computed for it (its completion, plus any run lost to an eviction)
+    latency_s: float  # from its first admission to its end
+
+
+class RowFailedError(RuntimeError):
+    """A row could not be generated even alone, and the job is set to fail on that."""
+
+
+@dataclass
+class _Waiting:
+    row: Row
+    samples: list[int]  # sample indices still to generate
+    steps: dict[int, int] = field(default_factory=dict)  # steps already spent on evicted runs
+    admitted_at: float | None = None
+
+
+@dataclass
+class _Sequence:
+    row: Row
+    sample: int
+    stream: bytes  # the key of its random stream
+    length: int  # real tokens in the KV cache (prompt, then generated ones fed back)
+    padded_length: int
+    admitted_at: float
+    steps: int = 0
+    batch_size: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Generates rows with continuous batching; one per worker, reused across shards."""
+
+    def __init__(self, model: Any, tokenizer: Any, decoding: Decoding, limits: Limits, on_row_error: str = "write"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoding = decoding
+        self.limits = limits
+        self.on_row_error = on_row_error
+        self.device = model.device
+        self.oom_events = 0  # out-of-memory errors met (prefill and decode), over the engine's life
+        self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
+        self._warpers = _warpers(decoding)
+        self._joinable = _joinable(model)
+        self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in decoding.stop_strings), default=0) + 2
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seqs: list[_Sequence] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [sequences, cache width] attention mask of the running set
+
+    def generate(self, rows: list[Row]) -> Iterator[Finished]:
+        """Yield every sequence of `rows` (samples of a row: sample_index 0..n-1) as it ends.
+
+        Raises:
+            RowFailedError: a row ran out of memory alone and on_row_error is `fail`.
+        """
+        import torch
+
+        waiting = deque(_Waiting(r, list(range(self.decoding.samples))) for r in rows)
+        self._reset()
+        with torch.inference_mode():
+            while waiting or self.seqs:
+                if waiting and self._may_admit():
+                    yield from self._admit(waiting)
+                if self.seqs:
+                    yield from self._step(waiting)
+
+    def generate_all(self, rows: list[Row]) -> list[Finished]:
+        """Every sequence of `rows`, in row order, samples in order."""
+        return sorted(self.generate(rows), key=lambda f: (f.key, f.sample_index))
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _may_admit(self) -> bool:
+        """Read waiting rows into an empty running set, or (caches that join) once enough slots are free."""
+        free = self.limits.max_sequences - len(self.seqs)
+        return not self.seqs or (self._joinable and free >= max(1, int(self.limits.max_sequences * REFILL_SHARE)))
+
+    def _cost(self, seqs: int, widest: int) -> int:
+        return seqs * (widest + self.decoding.max_new_tokens)
+
+    def _take(self, waiting: deque[_Waiting]) -> list[_Waiting]:
+        """The next waiting rows that fit beside the running set (at least one row when it is empty)."""
+        taken: list[_Waiting] = []
+        seqs = len(self.seqs)
+        widest = max((len(s.row.input_ids) for s in self.seqs), default=0)
+        limit = self.limits.tokens()
+        while waiting:
+            nxt = waiting[0]
+            more, wider = seqs + len(nxt.samples), max(widest, len(nxt.row.input_ids))
+            fits = more <= self.limits.max_sequences and (limit is None or self._cost(more, wider) <= limit)
+            if not fits and (taken or self.seqs):
+                break
+            taken.append(waiting.popleft())
+            seqs, widest = more, wider
+            if not fits:
+                break
+        return taken
+
+    def _admit(self, waiting: deque[_Waiting]) -> Iterator[Finished]:
+        taken = self._take(waiting)
+        if not taken:
+            return
+        now = time.perf_counter()
+        for w in taken:
+            w.admitted_at = w.admitted_at or now
+        groups = plan.prefill_groups([len(w.row.input_ids) for w in taken], self.limits.step_cost_tokens)
+        if not self._joinable:
+            groups = [list(range(len(taken)))]
+        try:
+            parts = [self._prefill([taken[i] for i in g]) for g in groups]
+        except _oom_errors() as e:
+            _free_memory()
+            self.oom_events += 1
+            cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
+            self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
+            if len(taken) == 1 and len(taken[0].samples) == 1 and not self.seqs:
+                yield from self._fail(taken[0], e)
+            else:
+                waiting.extendleft(reversed(taken))
+            return
+        self._join(parts)
+        yield from self._retire()
+
+    def _widest(self, taken: list[_Waiting]) -> int:
+        return max([len(w.row.input_ids) for w in taken] + [len(s.row.input_ids) for s in self.seqs])
+
+    def _prefill(self, group: list[_Waiting]) -> tuple[Any, Any, list[_Sequence]]:
+        """Read a group's prompts; its cache, mask and sequences, each with its first token chosen."""
+        import torch
+        from transformers import DynamicCache
+
+        ids, mask = left_pad([w.row.input_ids for w in group], self.decoding.pad_id)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        width = int(ids.shape[1])
+        counts = [len(w.samples) for w in group]
+        repeat = torch.tensor(counts, device=self.device)
+        logits = out.logits[:, -1].repeat_interleave(repeat, dim=0)
+        if any(c != 1 for c in counts):
+            for layer in cache.layers:
+                layer.keys = layer.keys.repeat_interleave(repeat, dim=0)
+                layer.values = layer.values.repeat_interleave(repeat, dim=0)
+        mask = mask.to(self.device).repeat_interleave(repeat, dim=0)
+        seqs = [
+            _Sequence(
+                row=w.row,
+                sample=k,
+                stream=_stream_key(self.decoding.seed, w.row.row_id, k),
+                length=len(w.row.input_ids),
+                padded_length=width,
+                admitted_at=w.admitted_at,
+                steps=w.steps.get(k, 0),
+            )
+            for w in group
+            for k in w.samples
+        ]
+        for s, token in zip(seqs, self._choose(logits, seqs)):
+            s.tokens.append(token)
+            s.steps += 1
+        return cache, mask, seqs
+
+    def _join(self, parts: list[tuple[Any, Any, list[_Sequence]]]) -> None:
+        """Append prefilled groups to the running set: every cache left-padded to the widest."""
+        import torch
+        from torch.nn.functional import pad
+
+        self.joins += bool(self.seqs)
+        pieces = ([(self.cache, self.mask)] if self.seqs else []) + [(c, m) for c, m, _ in parts]
+        width = max(m.shape[1] for _, m in pieces)
+        if len(pieces) == 1:
+            self.cache, self.mask = pieces[0]
+        else:
+            layers = zip(*(c.layers for c, _ in pieces))
+            joined = pieces[0][0]
+            for target, group in zip(joined.layers, layers):
+                target.keys = torch.cat([pad(layer.keys, (0, 0, width - layer.keys.shape[2], 0)) for layer in group])
+                target.values = torch.cat(
+                    [pad(layer.values, (0, 0, width - layer.values.shape[2], 0)) for layer in group]
+                )
+            self.mask = torch.cat([pad(m, (width - m.shape[1], 0)) for _, m in pieces])
+            self.cache = joined
+        for _, _, seqs in parts:
+            self.seqs.extend(seqs)
+        for s in (s for _, _, seqs in parts for s in seqs):
+            s.batch_size = len(self.seqs)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _step(self, waiting: deque[_Waiting]) -> Iterator[Finished]:
+        """One decode step of the whole running set, then the ended sequences leave it."""
+        import torch
+
+        tokens = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)
+        positions = torch.tensor([[s.length] for s in self.seqs], device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.seqs), 1))], dim=1)
+        try:
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        except _oom_errors() as e:
+            _free_memory()
+            self.oom_events += 1
+            self._undo_step()
+            yield from self._evict(waiting, e)
+            return
+        self.mask = mask
+        for s, token in zip(self.seqs, self._choose(out.logits[:, -1], self.seqs)):
+            s.length += 1
+            s.steps += 1
+            s.tokens.append(token)
+        yield from self._retire()
+
+    def _undo_step(self) -> None:
+        """Layers that took the failed step's column before memory ran out give it back."""
+        width = self.mask.shape[1]
+        for layer in self.cache.layers:
+            if layer.keys.shape[2] > width:
+                layer.keys = layer.keys[:, :, :width]
+                layer.values = layer.values[:, :, :width]
+
+    def _choose(self, logits: Any, seqs: list[_Sequence]) -> list[int]:
+        """The next token of every sequence: greedy, or drawn from its own random stream."""
+        import torch
+
+        d = self.decoding
+        scores = logits.float()
+        if d.repetition_penalty not in (None, 1.0):
+            scores = _penalize(scores, [s.row.input_ids + s.tokens for s in seqs], d.repetition_penalty)
+        if not d.do_sample:
+            return scores.argmax(dim=-1).tolist()
+        for warper in self._warpers:
+            scores = warper(None, scores)
+        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        u = torch.tensor([_uniform(s.stream, len(s.tokens)) for s in seqs], dtype=cdf.dtype, device=cdf.device)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        return picked.clamp_(max=cdf.shape[1] - 1).tolist()
+
+    def _retire(self) -> Iterator[Finished]:
+        """Ended sequences leave the running set (and their cache rows); padding-only columns are cut."""
+        import torch
+
+        ended, kept = [], []
+        for i, s in enumerate(self.seqs):
+            result = self._ended(s)
+            if result is None:
+                kept.append(i)
+            else:
+                ended.append((s, result))
+        if not ended:
+            return
+        now = time.perf_counter()
+        for s, result in ended:
+            yield Finished(s.row.key, s.sample, result, s.batch_size, s.padded_length, s.steps, now - s.admitted_at)
+        if not kept:
+            self._reset()
+            return
+        index = torch.tensor(kept, device=self.device)
+        self.seqs = [self.seqs[i] for i in kept]
+        self.mask = self.mask.index_select(0, index)
+        self.cache.batch_select_indices(index)
+        self._trim()
+
+    def _trim(self) -> None:
+        used = self.mask.any(dim=0)
+        cut = int(used.int().argmax()) if bool(used.any()) else 0
+        if cut == 0 or not self._joinable:
+            return
+        self.mask = self.mask[:, cut:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, cut:]
+            layer.values = layer.values[:, :, cut:]
+
+    def _ended(self, s: _Sequence) -> SequenceResult | None:
+        """The sequence's result if its last token ended it, else None."""
+        d = self.decoding
+        last = s.tokens[-1]
+        if last in d.eos_ids:
+            return self._result(s.tokens[:-1], len(s.tokens), "stop", s.tokens)
+        if d.stop_strings:
+            tail = self.tokenizer.decode(s.tokens[-self._stop_tail :], skip_special_tokens=True)
+            if any(stop in tail for stop in d.stop_strings):
+                return self._result(s.tokens, len(s.tokens), "stop", s.tokens)
+        if len(s.tokens) >= d.max_new_tokens:
+            return self._result(s.tokens, len(s.tokens), "length", s.tokens)
+        return None
+
+    def _result(self, text_tokens: list[int], count: int, reason: str, tokens: list[int]) -> SequenceResult:
+        text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.decoding.stop_strings if s in text]
+        if hits:
+            return SequenceResult(text[: min(hits)], count, "stop", tokens=list(tokens))
+        return SequenceResult(text, count, reason, tokens=list(tokens))
+
+    # -- out of memory -------------------------------------------------------------------------
+
+    def _evict(self, waiting: deque[_Waiting], error: BaseException) -> Iterator[Finished]:
+        """A decode step did not fit: the newest half of the running set waits again (or one row fails)."""
+        import torch
+
+        cost = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
+        self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
+        if len(self.seqs) == 1:
+            s = self.seqs[0]
+            self._reset()
+            yield from self._fail(_Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
+            return
+        keep = len(self.seqs) - len(self.seqs) // 2
+        back: dict[int, _Waiting] = {}
+        for s in self.seqs[keep:]:
+            w = back.setdefault(id(s.row), _Waiting(s.row, [], admitted_at=s.admitted_at))
+            w.samples.append(s.sample)
+            w.steps[s.sample] = s.steps
+        waiting.extendleft(reversed(list(back.values())))
+        index = torch.arange(keep, device=self.device)
+        self.seqs = self.seqs[:keep]
+        self.mask = self.mask[:keep]
+        self.cache.batch_select_indices(index)
+        self._trim()
+
+    def _fail(self, w: _Waiting, error: BaseException) -> Iterator[Finished]:
+        message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {str(error).splitlines()[0][:200]}"
+        if self.on_row_error == "fail":
+            raise RowFailedError(message) from error
+        spent = time.perf_counter() - (w.admitted_at or time.perf_counter())
+        for k in w.samples:
+            result = SequenceResult(None, None, "error", message)
+            yield Finished(w.row.key, k, result, 1, len(w.row.input_ids), w.steps.get(k, 0), spent)
+
+
+def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-padded id and attention-mask tensors for a batch of unpadded sequences."""
+    import torch
+
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, seq in enumerate(input_ids):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def _joinable(model: Any) -> bool:
+    """Whether the model's cache is a plain per-layer cache that can be joined (not sliding or hybrid)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+def _stream_key(seed: int, row_id: str, sample: int) -> bytes:
+    return hashlib.blake2b(f"{seed}\0{row_id}\0{sample}".encode(), digest_size=16).digest()
+
+
+def _uniform(stream: bytes, step: int) -> float:
+    """The step's uniform number in [0, 1) of a sequence's random stream (24 bits: exact in float32)."""
+    digest = hashlib.blake2b(step.to_bytes(4, "little"), key=stream, digest_size=3).digest()
+    return int.from_bytes(digest, "little") / (1 << 24)
+
+
+def _warpers(d: Decoding) -> list[Any]:
+    """Transformers' own temperature, top-k and top-p warpers, in generate's order (they work row by row)."""
+    if not d.do_sample:
+        return []
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    out: list[Any] = []
+    if d.temperature not in (None, 1.0):
+        out.append(TemperatureLogitsWarper(d.temperature))
+    if d.top_k not in (None, 0):
+        out.append(TopKLogitsWarper(d.top_k))
+    if d.top_p not in (None, 1.0):
+        out.append(TopPLogitsWarper(d.top_p))
+    return out
+
+
+def _penalize(scores: Any, seen: list[list[int]], penalty: float) -> Any:
+    """Transformers' repetition penalty over each sequence's prompt and generated tokens."""
+    import torch
+
+    width = max(len(x) for x in seen)
+    index = torch.tensor([x + [x[0]] * (width - len(x)) for x in seen], device=scores.device)  # pad with a seen token
+    picked = scores.gather(1, index)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, index, picked)
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this does not fit": torch's OutOfMemoryError (CUDA, MPS, XPU)."""
+    import torch
+
+    return (torch.OutOfMemoryError,)
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,125 @@
+"""The engine without Ray: continuous batching, per-row random streams, stop strings, finish reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.engine import Decoding, Engine, Limits, Row, left_pad
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from runner import model as model_lib
+    from runner.config import ModelConfig
+
+    config = ModelConfig(name_or_path=tiny_llama_dir, quantization="none")
+    tokenizer = model_lib.load_tokenizer(tiny_llama_dir, config)
+    return model_lib.load_model(tiny_llama_dir, config, "cpu"), tokenizer
+
+
+def engine(tiny, max_sequences=64, eos=(), **decoding) -> Engine:
+    model, tokenizer = tiny
+    settings = {"max_new_tokens": 8, "eos_ids": frozenset(eos), "pad_id": tokenizer.pad_token_id, **decoding}
+    return Engine(model, tokenizer, Decoding(**settings), Limits(max_sequences=max_sequences, step_cost_tokens=0))
+
+
+def rows_of(tokenizer, lengths: list[int]) -> list[Row]:
+    words = "the history of the city and its river told in many small parts " * 20
+    return [Row(i, f"row-{i}", tokenizer.encode(words)[:n]) for i, n in enumerate(lengths)]
+
+
+LENGTHS = [3, 40, 7, 25, 12, 60, 5, 33]
+
+
+def test_left_pad_puts_padding_and_zero_mask_on_the_left():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_rows_joining_and_leaving_the_running_set_decode_as_each_row_alone(tiny):
+    """fp32: exact. Rows end at different steps (a frequent token ends them) and wait for slots."""
+    model, tokenizer = tiny
+    alone_engine = engine(tiny, max_new_tokens=12)
+    probe = alone_engine.generate_all(rows_of(tokenizer, LENGTHS))
+    generated = [t for f in probe for t in f.result.tokens]
+    frequent = max(set(generated), key=generated.count)
+    rows = rows_of(tokenizer, LENGTHS)
+    alone = [engine(tiny, eos=[frequent], max_new_tokens=12).generate_all([r])[0] for r in rows]
+    small = engine(tiny, max_sequences=3, eos=[frequent], max_new_tokens=12)
+    together = small.generate_all(rows)
+    assert [f.result.tokens for f in together] == [f.result.tokens for f in alone]
+    assert [f.result.completion for f in together] == [f.result.completion for f in alone]
+    assert len({f.result.completion_tokens for f in together}) > 1  # rows really ended at different steps
+    assert small.joins > 0  # rows joined a running set mid-decode
+    assert all(f.steps == f.result.completion_tokens for f in together)  # no step spent on an ended row
+
+
+def test_finish_reasons_count_eos_and_cut_stop_strings(tiny):
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [10])
+    full = engine(tiny, max_new_tokens=6).generate_all(rows)[0].result
+    assert (full.finish_reason, full.completion_tokens, len(full.tokens)) == ("length", 6, 6)
+    eos = full.tokens[2]
+    at_eos = engine(tiny, eos=[eos], max_new_tokens=6).generate_all(rows)[0].result
+    first = full.tokens.index(eos)
+    assert (at_eos.finish_reason, at_eos.completion_tokens) == ("stop", first + 1)  # EOS counted as generated
+    assert at_eos.completion == tokenizer.decode(full.tokens[:first], skip_special_tokens=True)
+    text = tokenizer.decode(full.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        cut = engine(tiny, max_new_tokens=6, stop_strings=(stop,)).generate_all(rows)[0].result
+        assert cut.finish_reason == "stop" and cut.completion == text[: text.index(stop)]
+
+
+def test_sampled_rows_do_not_depend_on_batching_or_order(tiny):
+    """Each sequence draws from its own stream of (seed, row id, sample index): batching cannot change it."""
+    model, tokenizer = tiny
+    settings = {"do_sample": True, "samples": 2, "seed": 11, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    rows = rows_of(tokenizer, LENGTHS)
+    wide = engine(tiny, max_sequences=64, **settings).generate_all(rows)
+    narrow = engine(tiny, max_sequences=3, **settings).generate_all(rows)
+    backwards = engine(tiny, max_sequences=5, **settings).generate_all(rows[::-1])
+    assert [f.result.tokens for f in wide] == [f.result.tokens for f in narrow]
+    assert sorted((f.key, f.sample_index, f.result.tokens) for f in backwards) == [
+        (f.key, f.sample_index, f.result.tokens) for f in wide
+    ]
+    assert any(a.result.tokens != b.result.tokens for a, b in zip(wide[::2], wide[1::2]))  # samples differ
+    other_seed = engine(tiny, **{**settings, "seed": 12}).generate_all(rows)
+    assert [f.result.tokens for f in other_seed] != [f.result.tokens for f in wide]
+
+
+def test_greedy_rows_equal_transformers_generate(tiny):
+    """The engine's own decode loop against the reference: `model.generate` on each prompt alone."""
+    import torch
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [4, 30, 17])
+    ours = engine(tiny, max_new_tokens=16).generate_all(rows)
+    for row, f in zip(rows, ours):
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor([row.input_ids]),
+                attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert f.result.tokens == out[0, len(row.input_ids) :].tolist()
+
+
+def test_repetition_penalty_is_transformers_own_row_by_row():
+    """Sequences of different lengths in one batch: each row penalized exactly as alone."""
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from runner.engine import _penalize
+
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seen = [[1, 2, 3, 2], [7], [4, 4, 9, 10, 11, 49]]
+    ours = _penalize(scores, seen, 1.7)
+    for row, tokens in enumerate(seen):
+        reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([tokens]), scores[row : row + 1].clone())
+        assert torch.equal(ours[row], reference[0])
+    assert not torch.equal(ours, scores)
