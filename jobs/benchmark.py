@@ -88,7 +88,8 @@ def parse_args() -> argparse.Namespace:
 
 def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tuple[list[str], list[str], list[int]]:
     """Render the chosen prompts with the chat template once; every system gets these exact texts."""
-    from runner import bench
+    from bench import figures as bench
+
     from runner import model as model_lib
     from runner.config import ModelConfig
 
@@ -121,7 +122,7 @@ def _chat_requests() -> list[tuple[str, str]]:
 
 
 def run_system(name: str, args: argparse.Namespace, model_path: str, out: Path, ids, texts, lengths):
-    from runner import bench_systems as systems
+    from bench import systems
 
     common = {"model_path": model_path, "quantization": args.quantization, "max_new_tokens": args.max_new_tokens}
     if name == "plain":
@@ -155,7 +156,8 @@ def run_system(name: str, args: argparse.Namespace, model_path: str, out: Path, 
 
 def main() -> int:
     args = parse_args()
-    from runner import bench
+    from bench import figures as bench
+
     from runner import model as model_lib
 
     model_lib.quiet_transformers()
@@ -201,7 +203,7 @@ def main() -> int:
     for result, row in zip(results, rows):
         if result.name.startswith("runner"):
             row["worker_idle_at_end_s"] = bench.worker_idle_at_end(result.batches)
-    report = "\n".join([bench.markdown_table(rows), "", *bench.verdicts(rows)])
+    report = "\n".join([bench.markdown_table(rows), "", *bench.verdicts(rows, args.workload)])
     print("\n" + report)
     (out / "benchmark.json").write_text(bench.to_json(rows, workload))
     (out / "benchmark.md").write_text(f"Workload: {json.dumps(workload)}\n\n{report}\n")

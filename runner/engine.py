@@ -8,9 +8,9 @@ free, the next waiting rows are read (prefill, in groups of similar length, each
 left-padded only to its own longest prompt) and their KV caches join the running set's,
 left-padded to one width. Columns of the cache that only padding uses any more are cut.
 
-Sampling draws each token from a random stream of its own sequence: a uniform number
-derived from (seed, row id, sample index, step) alone, so the same config and data give
-the same samples whatever the batching, worker count, memory, retry or resume.
+Sampling (`runner.sampling`) draws each token from a random stream of its own sequence:
+a uniform number derived from (seed, row id, sample index, step) alone, so the same config
+and data give the same samples whatever the batching, worker count, memory, retry or resume.
 
 Out of memory: a prefill that does not fit puts its rows back and the engine admits
 fewer; a decode step that does not fit sends the newest half of the running set back to
@@ -24,52 +24,18 @@ through it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner import plan
+from runner import kvcache, plan
+from runner.sampling import Chooser, Decoding, stream_key
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
+CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
 STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How each next token is chosen and when a sequence ends."""
-
-    max_new_tokens: int
-    eos_ids: frozenset[int]
-    pad_id: int
-    samples: int = 1  # sequences per row (num_return_sequences)
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int = 0
-    stop_strings: tuple[str, ...] = ()
-
-    @classmethod
-    def from_generation_config(cls, config: Any, seed: int, stop_strings: list[str] | None) -> Decoding:
-        eos = config.eos_token_id
-        eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
-        return cls(
-            max_new_tokens=config.max_new_tokens,
-            eos_ids=eos_ids,
-            pad_id=config.pad_token_id,
-            samples=config.num_return_sequences or 1,
-            do_sample=bool(config.do_sample),
-            temperature=config.temperature if config.do_sample else None,
-            top_k=config.top_k if config.do_sample else None,
-            top_p=config.top_p if config.do_sample else None,
-            repetition_penalty=config.repetition_penalty,
-            seed=seed,
-            stop_strings=tuple(stop_strings or ()),
-        )
 
 
 @dataclass
@@ -152,8 +118,8 @@ class Engine:
         self.device = model.device
         self.oom_events = 0  # out-of-memory errors met (prefill and decode), over the engine's life
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
-        self._warpers = _warpers(decoding)
-        self._joinable = _joinable(model)
+        self._chooser = Chooser(decoding)
+        self._joinable = kvcache.joinable(kvcache.new_cache(model))
         self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in decoding.stop_strings), default=0) + 2
         self._reset()
 
@@ -242,11 +208,10 @@ class Engine:
     def _prefill(self, group: list[_Waiting]) -> tuple[Any, Any, list[_Sequence]]:
         """Read a group's prompts; its cache, mask and sequences, each with its first token chosen."""
         import torch
-        from transformers import DynamicCache
 
         ids, mask = left_pad([w.row.input_ids for w in group], self.decoding.pad_id)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache = DynamicCache(config=self.model.config)
+        cache = kvcache.new_cache(self.model)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -260,15 +225,13 @@ class Engine:
         repeat = torch.tensor(counts, device=self.device)
         logits = out.logits[:, -1].repeat_interleave(repeat, dim=0)
         if any(c != 1 for c in counts):
-            for layer in cache.layers:
-                layer.keys = layer.keys.repeat_interleave(repeat, dim=0)
-                layer.values = layer.values.repeat_interleave(repeat, dim=0)
+            kvcache.repeat(cache, repeat)
         mask = mask.to(self.device).repeat_interleave(repeat, dim=0)
         seqs = [
             _Sequence(
                 row=w.row,
                 sample=k,
-                stream=_stream_key(self.decoding.seed, w.row.row_id, k),
+                stream=stream_key(self.decoding.seed, w.row.row_id, k),
                 length=len(w.row.input_ids),
                 padded_length=width,
                 admitted_at=w.admitted_at,
@@ -293,15 +256,8 @@ class Engine:
         if len(pieces) == 1:
             self.cache, self.mask = pieces[0]
         else:
-            layers = zip(*(c.layers for c, _ in pieces))
-            joined = pieces[0][0]
-            for target, group in zip(joined.layers, layers):
-                target.keys = torch.cat([pad(layer.keys, (0, 0, width - layer.keys.shape[2], 0)) for layer in group])
-                target.values = torch.cat(
-                    [pad(layer.values, (0, 0, width - layer.values.shape[2], 0)) for layer in group]
-                )
+            self.cache = kvcache.join([c for c, _ in pieces], width)
             self.mask = torch.cat([pad(m, (width - m.shape[1], 0)) for _, m in pieces])
-            self.cache = joined
         for _, _, seqs in parts:
             self.seqs.extend(seqs)
         for s in (s for _, _, seqs in parts for s in seqs):
@@ -339,32 +295,16 @@ class Engine:
 
     def _undo_step(self) -> None:
         """Layers that took the failed step's column before memory ran out give it back."""
-        width = self.mask.shape[1]
-        for layer in self.cache.layers:
-            if layer.keys.shape[2] > width:
-                layer.keys = layer.keys[:, :, :width]
-                layer.values = layer.values[:, :, :width]
+        if self._joinable:
+            kvcache.truncate(self.cache, self.mask.shape[1])
 
     def _choose(self, logits: Any, seqs: list[_Sequence]) -> list[int]:
-        """The next token of every sequence: greedy, or drawn from its own random stream."""
-        import torch
-
-        d = self.decoding
-        scores = logits.float()
-        if d.repetition_penalty not in (None, 1.0):
-            scores = _penalize(scores, [s.row.input_ids + s.tokens for s in seqs], d.repetition_penalty)
-        if not d.do_sample:
-            return scores.argmax(dim=-1).tolist()
-        for warper in self._warpers:
-            scores = warper(None, scores)
-        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-        u = torch.tensor([_uniform(s.stream, len(s.tokens)) for s in seqs], dtype=cdf.dtype, device=cdf.device)
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        return picked.clamp_(max=cdf.shape[1] - 1).tolist()
+        """The next token of every sequence: greedy, or drawn from its own random stream (`runner.sampling`)."""
+        seen = [s.row.input_ids + s.tokens for s in seqs] if self.decoding.repetition_penalty not in (None, 1.0) else []
+        return self._chooser.choose(logits, seen, [s.stream for s in seqs], [len(s.tokens) for s in seqs])
 
     def _retire(self) -> Iterator[Finished]:
         """Ended sequences leave the running set (and their cache rows); padding-only columns are cut."""
-        import torch
 
         ended, kept = [], []
         for i, s in enumerate(self.seqs):
@@ -381,21 +321,19 @@ class Engine:
         if not kept:
             self._reset()
             return
-        index = torch.tensor(kept, device=self.device)
         self.seqs = [self.seqs[i] for i in kept]
-        self.mask = self.mask.index_select(0, index)
-        self.cache.batch_select_indices(index)
-        self._trim()
+        self._select(kept)
 
-    def _trim(self) -> None:
-        used = self.mask.any(dim=0)
-        cut = int(used.int().argmax()) if bool(used.any()) else 0
-        if cut == 0 or not self._joinable:
-            return
-        self.mask = self.mask[:, cut:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, cut:]
-            layer.values = layer.values[:, :, cut:]
+    def _select(self, keep: list[int]) -> None:
+        """Keep the running set's rows `keep`; cut cache columns that only padding uses, once there are CUT_MIN."""
+        import torch
+
+        mask = self.mask.index_select(0, torch.tensor(keep, device=self.mask.device))
+        used = mask.any(dim=0)
+        cut = int(used.int().argmax()) if self._joinable and bool(used.any()) else 0
+        cut = cut if cut >= CUT_MIN else 0
+        self.mask = mask[:, cut:]
+        kvcache.select(self.cache, keep, cut)
 
     def _ended(self, s: _Sequence) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""
@@ -422,7 +360,6 @@ class Engine:
 
     def _evict(self, waiting: deque[_Waiting], error: BaseException) -> Iterator[Finished]:
         """A decode step did not fit: the newest half of the running set waits again (or one row fails)."""
-        import torch
 
         cost = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
         self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
@@ -438,11 +375,8 @@ class Engine:
             w.samples.append(s.sample)
             w.steps[s.sample] = s.steps
         waiting.extendleft(reversed(list(back.values())))
-        index = torch.arange(keep, device=self.device)
         self.seqs = self.seqs[:keep]
-        self.mask = self.mask[:keep]
-        self.cache.batch_select_indices(index)
-        self._trim()
+        self._select(list(range(keep)))
 
     def _fail(self, w: _Waiting, error: BaseException) -> Iterator[Finished]:
         message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {str(error).splitlines()[0][:200]}"
@@ -466,55 +400,6 @@ def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:
             ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq) :] = 1
     return ids, mask
-
-
-def _joinable(model: Any) -> bool:
-    """Whether the model's cache is a plain per-layer cache that can be joined (not sliding or hybrid)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-
-
-def _stream_key(seed: int, row_id: str, sample: int) -> bytes:
-    return hashlib.blake2b(f"{seed}\0{row_id}\0{sample}".encode(), digest_size=16).digest()
-
-
-def _uniform(stream: bytes, step: int) -> float:
-    """The step's uniform number in [0, 1) of a sequence's random stream (24 bits: exact in float32)."""
-    digest = hashlib.blake2b(step.to_bytes(4, "little"), key=stream, digest_size=3).digest()
-    return int.from_bytes(digest, "little") / (1 << 24)
-
-
-def _warpers(d: Decoding) -> list[Any]:
-    """Transformers' own temperature, top-k and top-p warpers, in generate's order (they work row by row)."""
-    if not d.do_sample:
-        return []
-    from transformers.generation.logits_process import (
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    out: list[Any] = []
-    if d.temperature not in (None, 1.0):
-        out.append(TemperatureLogitsWarper(d.temperature))
-    if d.top_k not in (None, 0):
-        out.append(TopKLogitsWarper(d.top_k))
-    if d.top_p not in (None, 1.0):
-        out.append(TopPLogitsWarper(d.top_p))
-    return out
-
-
-def _penalize(scores: Any, seen: list[list[int]], penalty: float) -> Any:
-    """Transformers' repetition penalty over each sequence's prompt and generated tokens."""
-    import torch
-
-    width = max(len(x) for x in seen)
-    index = torch.tensor([x + [x[0]] * (width - len(x)) for x in seen], device=scores.device)  # pad with a seen token
-    picked = scores.gather(1, index)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return scores.scatter(1, index, picked)
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:

@@ -168,7 +168,8 @@ class ShardGenerator:
 
     def configure(self, setup: WorkerSetup) -> None:
         """Take the settings of the next job (a sweep point) without reloading the model."""
-        from runner.engine import Decoding, Engine
+        from runner.engine import Engine
+        from runner.sampling import Decoding
 
         if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
             raise ValueError("configure() cannot change the model; start a new worker for another model")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from runner import bench, bench_systems
+from jobs.bench import figures as bench
+from jobs.bench import systems as bench_systems
 
 TEXTS = ["many words " * 20, "hi", "many words " * 18, "yo", "many words " * 16, "ok"]  # long and short in turn
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner.engine import Decoding, Engine, Limits, Row, left_pad
+from runner.engine import Engine, Limits, Row, left_pad
+from runner.sampling import Decoding
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +115,11 @@ def test_repetition_penalty_is_transformers_own_row_by_row():
     import torch
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from runner.engine import _penalize
+    from runner.sampling import penalize
 
     scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     seen = [[1, 2, 3, 2], [7], [4, 4, 9, 10, 11, 49]]
-    ours = _penalize(scores, seen, 1.7)
+    ours = penalize(scores, seen, 1.7)
     for row, tokens in enumerate(seen):
         reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([tokens]), scores[row : row + 1].clone())
         assert torch.equal(ours[row], reference[0])

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.bench import BatchRecord, SystemResult, completion_length, fixed_batches
 from runner.config import ModelConfig
+
+from .figures import BatchRecord, SystemResult, completion_length, fixed_batches
+
+JOBS = Path(__file__).resolve().parents[1]  # jobs/: where `bench` is importable from
 
 
 def load(model_path: str, quantization: str) -> tuple[Any, Any]:
@@ -137,7 +140,7 @@ def generate_batch(
     """
     import torch
     from transformers import GenerationConfig
-    from transformers.generation.continuous_batching import ContinuousBatchingConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     started = time.perf_counter()
     tokenizer, model = load(model_path, quantization)
@@ -227,7 +230,14 @@ def ray_data(
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             logging_level="ERROR",
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cpus)}},
+            runtime_env={
+                "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "OMP_NUM_THREADS": str(cpus),
+                    # the generator class is pickled by reference: its actor imports this module
+                    "PYTHONPATH": os.pathsep.join([str(JOBS), str(JOBS.parent), os.environ.get("PYTHONPATH", "")]),
+                }
+            },
         )
     try:
         ctx = ray.data.DataContext.get_current()
@@ -285,7 +295,7 @@ def runner_job(
     from runner.job import run_job
 
     register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = JOBS.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(
             config_name="config",
@@ -329,6 +339,7 @@ def runner_job(
         wall,
         records,
         notes=f"{workers} worker(s) x {max(1, cpus // workers)} CPUs, output {summary.output_dir}",
+        row_steps=summary.totals.generated_steps,  # what the engine computed, as its workers reported
     )
 
 

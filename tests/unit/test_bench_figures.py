@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.bench import (
+from jobs.bench.figures import (
     BatchRecord,
     SystemResult,
     agreement,

@@ -1,0 +1,158 @@
+"""The running set's KV cache: transformers' DynamicCache, grown in place and reshaped between steps.
+
+transformers' `DynamicLayer.update` concatenates every step: each decode step copies the whole
+cache (batch x width x layers), which on a CPU costs more than the step's attention itself
+once a running set holds 64 rows of 700 positions. `GrowingLayer` writes each step's keys and
+values into spare room at the end of a buffer and hands attention a view of the used part;
+the buffer grows by `GROW` positions at a time, so a copy happens once per `GROW` steps.
+
+The engine changes the batch between steps: rows leave (`select`, which also cuts the
+columns only padding uses any more), prefilled rows join (`join`, left-padded to one width). These
+assign new tensors to a layer's `keys`/`values`; the layer adopts them at its next update.
+Caches whose layers are not plain growing ones (sliding-window, hybrid) are left as
+transformers builds them; `joinable` tells the engine so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+GROW = 64  # positions of spare room a layer's buffer gets when it must grow
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends in place into a buffer with spare room at its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: tuple[Any, Any] | None = None
+        self._views: tuple[Any, Any] | None = None
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        import torch
+
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]:
+            self._adopt()  # someone assigned keys/values (a join, a selection, a cut): they are the buffers now
+        buf_k, buf_v = self._buffers if self._buffers is not None else (None, None)
+        used, new = (self.keys.shape[-2] if buf_k is not None else 0), key_states.shape[-2]
+        rows = key_states.shape[0]
+        if buf_k is None or buf_k.shape[-2] < used + new or buf_k.shape[0] != rows:
+            room = used + new + (GROW if new == 1 else 0)  # a prefill's cache is joined (copied) before it grows
+            shape = (rows, key_states.shape[1], room, key_states.shape[-1])
+            grown_k = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+            grown_v = torch.empty(
+                (rows, value_states.shape[1], room, value_states.shape[-1]),
+                dtype=value_states.dtype,
+                device=value_states.device,
+            )
+            if used:
+                grown_k[:, :, :used] = self.keys
+                grown_v[:, :, :used] = self.values
+            buf_k, buf_v = grown_k, grown_v
+        buf_k[:, :, used : used + new] = key_states
+        buf_v[:, :, used : used + new] = value_states
+        self._buffers = (buf_k, buf_v)
+        self.keys, self.values = buf_k[:, :, : used + new], buf_v[:, :, : used + new]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def hold(self, keys: Any, values: Any, room: int) -> None:
+        """Take `keys`/`values` [rows, heads, used, dim] into fresh buffers with `room` spare positions."""
+        import torch
+
+        used = keys.shape[2]
+        buf_k = torch.empty((*keys.shape[:2], used + room, keys.shape[3]), dtype=keys.dtype, device=keys.device)
+        buf_v = torch.empty((*values.shape[:2], used + room, values.shape[3]), dtype=values.dtype, device=values.device)
+        buf_k[:, :, :used] = keys
+        buf_v[:, :, :used] = values
+        self._buffers = (buf_k, buf_v)
+        self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
+        self._views = (self.keys, self.values)
+
+    def compact(self, keep: list[int]) -> bool:
+        """Move the rows `keep` (ascending) to the front of the buffers, in place. False if not holding buffers."""
+        if self._buffers is None or self._views is None or self.keys is not self._views[0]:
+            return False
+        buf_k, buf_v = self._buffers
+        for j, i in enumerate(keep):
+            if i != j:
+                buf_k[j] = buf_k[i]
+                buf_v[j] = buf_v[i]
+        used, rows = self.keys.shape[2], len(keep)
+        self._buffers = (buf_k[:rows], buf_v[:rows])
+        self.keys, self.values = buf_k[:rows, :, :used], buf_v[:rows, :, :used]
+        self._views = (self.keys, self.values)
+        return True
+
+    def _adopt(self) -> None:
+        if self.keys is None or self.keys.numel() == 0:
+            self._buffers = None
+        else:
+            self._buffers = (self.keys, self.values)
+        self._views = (self.keys, self.values)
+
+
+def new_cache(model: Any) -> Any:
+    """A DynamicCache for `model`, with growing layers where its layers are plain full-attention ones."""
+    cache = DynamicCache(config=model.config)
+    if joinable(cache):
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def joinable(cache: Any) -> bool:
+    """Whether caches of this kind can be joined and cut (every layer a plain full-attention one)."""
+    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
+
+
+def repeat(cache: Any, counts: Any) -> None:
+    """Row i repeated counts[i] times (a row's samples share its prompt's cache)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+
+
+def join(caches: list[Any], width: int) -> Any:
+    """One cache of all the rows of `caches`, each left-padded to `width` positions; the first is reused."""
+    import torch
+    from torch.nn.functional import pad
+
+    joined = caches[0]
+    for k, target in enumerate(joined.layers):
+        layers = [c.layers[k] for c in caches]
+        target.keys = torch.cat([pad(x.keys, (0, 0, width - x.keys.shape[2], 0)) for x in layers])
+        target.values = torch.cat([pad(x.values, (0, 0, width - x.values.shape[2], 0)) for x in layers])
+    return joined
+
+
+def select(cache: Any, keep: list[int], cut: int = 0) -> None:
+    """Keep only the rows `keep` (ascending), without their first `cut` positions (padding no kept row uses).
+
+    Growing layers with nothing to cut move the kept rows down in place (only rows after the
+    first one that left move, and the buffer keeps its room); otherwise one copy into a new buffer.
+    """
+    import torch
+
+    index = None
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(keep):
+            continue
+        if index is None:
+            index = torch.tensor(keep, device=layer.keys.device)
+        keys, values = layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index)
+        if isinstance(layer, GrowingLayer):
+            layer.hold(keys, values, GROW)
+        else:
+            layer.keys, layer.values = keys, values
+
+
+def truncate(cache: Any, width: int) -> None:
+    """Give back positions past `width` (a step that failed half-way through the layers)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[2] > width:
+            layer.keys = layer.keys[:, :, :width]
+            layer.values = layer.values[:, :, :width]
