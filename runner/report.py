@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,34 @@ def batch_table(rows: Any) -> Any:
     # each row's prompt was padded to its padded_length when read (rows of one batch may be read in groups)
     batches["padded_prompt_tokens"] = first_samples["padded_length"].sum().values
     batches["prompt_efficiency"] = batches["prompt_tokens"] / batches["padded_prompt_tokens"]
-    steps = batches["sequences"] * batches["longest"].clip(lower=1)
-    batches["generation_efficiency"] = batches["completion_tokens"] / steps
     return batches.sort_values("created_at").reset_index(drop=True)
 
 
-def summarize(rows: Any, batches: Any) -> dict[str, Any]:
+def run_figures(runs: list[Path]) -> dict[str, Any]:
+    """What the workers reported, summed over the runs' manifests: tokens, engine steps, busy time per worker.
+
+    The rows cannot tell these: the engine's planned batches overlap in time, and it spends no
+    step on an ended row (a static batch's rows x longest would overstate the cost).
+    """
+    completion, steps, busy = 0, 0, {}
+    for run in runs:
+        path = run / output.MANIFEST if (run / output.MANIFEST).exists() else run / output.LEGACY_MANIFEST
+        this_run = json.loads(path.read_text()).get("this_run") or {}
+        completion += this_run.get("completion_tokens", 0)
+        steps += this_run.get("generated_steps", 0)
+        for worker, seconds in (this_run.get("worker_busy_s") or {}).items():
+            busy[worker] = busy.get(worker, 0.0) + seconds
+    return {"completion_tokens": completion, "generated_steps": steps, "worker_busy_s": busy}
+
+
+def summarize(rows: Any, batches: Any, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    figures = figures or {}
     start = (batches["created_at"] - batches["latency_s"].map(_seconds)).min()
     end = batches["created_at"].max()
     span = (end - start).total_seconds()
     workers = {}
     for worker, group in batches.groupby("worker"):
-        busy = float(group["latency_s"].sum())
+        busy = float(figures.get("worker_busy_s", {}).get(worker, group["latency_s"].sum()))
         workers[worker] = {
             "tokens": int(group["completion_tokens"].sum()),
             "busy_s": busy,
@@ -129,8 +146,12 @@ def summarize(rows: Any, batches: Any) -> dict[str, Any]:
         "completion_tokens_total": int(rows["completion_tokens"].fillna(0).sum()),
         "finish_reasons": {str(k): int(v) for k, v in rows["finish_reason"].value_counts().items()},
         "prompt_padding_efficiency": float(batches["prompt_tokens"].sum() / batches["padded_prompt_tokens"].sum()),
-        "generation_efficiency": float(
-            batches["completion_tokens"].sum() / (batches["sequences"] * batches["longest"].clip(lower=1)).sum()
+        "generation_efficiency": (
+            figures["completion_tokens"] / figures["generated_steps"]
+            if figures.get("generated_steps")
+            else float(
+                batches["completion_tokens"].sum() / (batches["sequences"] * batches["longest"].clip(lower=1)).sum()
+            )
         ),
         "span_s": span,
         "workers": workers,
@@ -191,9 +212,10 @@ def make_plots(rows: Any, batches: Any, out: Path) -> dict[str, Path]:
 
     fig, ax = plt.subplots(figsize=(10, 3.5))
     ax.plot(batches.index, batches["prompt_efficiency"], marker=".", label="prompt side")
-    ax.plot(batches.index, batches["generation_efficiency"], marker=".", label="generation side")
     ax.set(
-        title="padding efficiency per batch (real / padded tokens)", xlabel="batch, in finishing order", ylim=(0, 1.05)
+        title="prompt-side padding efficiency per planned batch (real / padded prompt tokens)",
+        xlabel="batch, in finishing order",
+        ylim=(0, 1.05),
     )
     ax.legend()
     save("padding", fig)
@@ -250,7 +272,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Report:
     batches = batch_table(rows)
     target = Path(out or Path(root) / REPORT_DIR)
     target.mkdir(parents=True, exist_ok=True)
-    report = Report([str(r) for r in runs], summarize(rows, batches))
+    report = Report([str(r) for r in runs], summarize(rows, batches, run_figures(runs)))
     report.plots = make_plots(rows, batches, target)
     report.html_path = write_html(report, target)
     return report

@@ -31,6 +31,20 @@ def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
     assert "| runner |" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_the_long_workload_runs_transformers_continuous_batching_beside_the_runner(tmp_path):
+    args = ["--workload", "long", "--n", "4", "--max-new-tokens", "12", "--out", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", *args], cwd=REPO, capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    systems = {r["system"]: r for r in report["systems"]}
+    assert set(systems) == {"plain", "sorted", "generate_batch", "runner"} and report["workload"]["workload"] == "long"
+    assert all(r["rows"] == 4 and r["generated_tokens"] > 0 for r in systems.values())
+    assert systems["runner"]["generation_efficiency"] == 1.0  # the engine spends no step on an ended row
+    assert "runner / generate_batch" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_the_scale_benchmark_measures_a_small_input(tmp_path):
     args = ["jobs/bench_scale.py", "--sizes", "300", "--shard-size", "50", "--run-seconds", "2", "--out", str(tmp_path)]
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
