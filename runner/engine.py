@@ -194,10 +194,15 @@ class Engine:
             self.oom_events += 1
             cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
             self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
-            if len(taken) == 1 and len(taken[0].samples) == 1 and not self.seqs:
-                yield from self._fail(taken[0], e)
+            alone = taken[0]
+            if len(taken) > 1 or self.seqs:
+                waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
+            elif len(alone.samples) > 1:  # one row's samples apart: half of them at a time
+                half = len(alone.samples) // 2
+                waiting.appendleft(_Waiting(alone.row, alone.samples[half:], alone.steps, alone.admitted_at))
+                waiting.appendleft(_Waiting(alone.row, alone.samples[:half], alone.steps, alone.admitted_at))
             else:
-                waiting.extendleft(reversed(taken))
+                yield from self._fail(alone, e)
             return
         self._join(parts)
         yield from self._retire()

@@ -13,6 +13,7 @@ pyarrow's filesystems accept (file://, s3://, gs://).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -25,6 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from runner.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # what runs before the Parquet-dataset layout wrote
@@ -156,13 +159,61 @@ def shard_file_name(shard_id: int, fingerprint: str) -> str:
 
 
 def write_shard(out: OutputDir, name: str, table: pa.Table) -> str:
-    """Write one shard as zstd Parquet under a temporary name, then rename it into place."""
+    """Write one shard as zstd Parquet under a temporary name, then rename it into place.
+
+    On a local disk the file's bytes are flushed to the disk (fsync) before the rename and the
+    directory after it, so a power loss leaves either no file or a whole one under the name.
+    """
     final = out.join(name)
     tmp = out.join(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    with out.fs.open_output_stream(tmp) as sink:
+    if isinstance(out.fs, pafs.LocalFileSystem):
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(out.path)
+        return final
+    with out.fs.open_output_stream(tmp) as sink:  # object stores: the upload appears whole or not at all
         pq.write_table(table, sink, compression="zstd")
     out.fs.move(tmp, final)
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def damaged(out: OutputDir, info: pafs.FileInfo) -> str | None:
+    """Why a committed data file cannot be a whole Parquet file, or None.
+
+    Every file: too short for Parquet's header and footer (a zero-length file after a power
+    loss). On a local disk also: no Parquet magic at its end (cheap; on object storage that
+    would cost a request per file, and uploads there appear whole or not at all).
+    """
+    if info.size is not None and info.size < 2 * len(PARQUET_MAGIC) + 4:
+        return f"{info.size} bytes"
+    if isinstance(out.fs, pafs.LocalFileSystem):
+        try:
+            with open(info.path, "rb") as f:
+                f.seek(-len(PARQUET_MAGIC), os.SEEK_END)
+                if f.read() != PARQUET_MAGIC:
+                    return "no Parquet footer"
+        except OSError as e:
+            return f"unreadable ({e})"
+    return None
 
 
 def list_data_files(out: OutputDir) -> list[pafs.FileInfo]:
@@ -215,6 +266,12 @@ def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing
         if info.base_name.startswith(".") and ".tmp-" in info.base_name:
             out.fs.delete_file(info.path)
     data = [i for i in infos if _is_data_file(i)]
+    for info in [i for i in data if not overwrite]:
+        problem = damaged(out, info)
+        if problem:  # cut short by a crash or a power loss: its shard is redone
+            log.warning("%s is damaged (%s): removing it; its shard will be generated again", info.base_name, problem)
+            out.fs.delete_file(info.path)
+            data.remove(info)
     if overwrite:
         for info in data:
             out.fs.delete_file(info.path)

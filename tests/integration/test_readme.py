@@ -32,6 +32,7 @@ ELSEWHERE = [
     ("make test", ".ci/run", "make test"),  # what CI runs
     ("make test-slow", "Makefile", "pytest -m slow"),
     ("make lint", "Makefile", "ruff check"),
+    ("make lock", "Makefile", "pip freeze --exclude-editable"),
     ("make cluster-up", "tests/integration/test_cluster.py", '"cluster/local.sh"'),
     ("make cluster-down", "tests/integration/test_cluster.py", 'local_cluster("down")'),
     ("export RAY_AUTH_MODE=token", "tests/integration/test_cluster.py", '"RAY_AUTH_MODE": "token"'),

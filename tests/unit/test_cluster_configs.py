@@ -49,3 +49,21 @@ def test_ray_up_config_installs_the_project_and_its_usage_runs_the_real_job():
 
 def test_the_submit_wrapper_sends_the_real_job_command():
     check_job_command(entrypoint(["model=mistral-7b-instruct", "dataset.path=s3://b/p.jsonl", "output.dir=s3://b/o"]))
+
+
+def test_the_loopback_sitecustomize_still_loads_the_environments_own(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_LOADED'] = 'yes'\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "cluster" / "loopback"), str(tmp_path)]),
+        "RUNNER_RAY_LOOPBACK": "1",
+    }
+    code = "import os, sitecustomize; print(os.environ.get('THEIRS_LOADED'), sitecustomize.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["yes", str(REPO / "cluster" / "loopback" / "sitecustomize.py")]

@@ -124,3 +124,46 @@ def test_repetition_penalty_is_transformers_own_row_by_row():
         reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([tokens]), scores[row : row + 1].clone())
         assert torch.equal(ours[row], reference[0])
     assert not torch.equal(ours, scores)
+
+
+def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny):
+    """Decode steps that do not fit send sequences back to wait; their reruns draw the same tokens."""
+    import torch
+
+    model, tokenizer = tiny
+    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6}
+    rows = rows_of(tokenizer, [9, 21, 14])
+    free = engine(tiny, **settings).generate_all(rows)
+
+    forward, sizes = model.forward, []
+
+    def tight(input_ids=None, **kwargs):  # room for one sequence at a time
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return forward(input_ids=input_ids, **kwargs)
+
+    model.forward = tight
+    try:
+        squeezed = engine(tiny, **settings)
+        out = squeezed.generate_all(rows)
+    finally:
+        model.forward = forward
+    assert [(f.key, f.sample_index, f.result.tokens) for f in out] == [
+        (f.key, f.sample_index, f.result.tokens) for f in free
+    ]
+    assert (
+        squeezed.oom_events > 0
+        and squeezed.limits.learned is not None
+        and all(f.result.finish_reason != "error" for f in out)
+    )
+    assert sum(f.steps for f in out) >= sum(f.result.completion_tokens for f in out)  # lost work is counted
+
+
+def test_a_generated_pad_token_does_not_end_the_completion(tiny):
+    """Where pad is a real token (UNK, or a model's own pad), generating it is not an end."""
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [12])
+    tokens = engine(tiny, max_new_tokens=6).generate_all(rows)[0].result.tokens
+    padded = engine(tiny, max_new_tokens=6, pad_id=tokens[1]).generate_all(rows)[0].result
+    assert padded.tokens == tokens and (padded.finish_reason, padded.completion_tokens) == ("length", 6)

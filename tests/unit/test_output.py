@@ -110,6 +110,25 @@ def test_existing_results_of_another_config_are_refused_unless_overwrite(tmp_pat
     assert existing.files == {} and output.list_data_files(out) == []
 
 
+def test_files_cut_short_by_a_power_loss_are_reported_and_their_shards_redone(tmp_path, caplog):
+    """A crash between rename and the data reaching the disk leaves a zero-length or truncated file."""
+    out = output.open_output_dir(str(tmp_path))
+    names = [output.shard_file_name(k, f"{k:02d}" * 8) for k in range(3)]
+    for name in names:
+        output.write_shard(out, name, one_row_table("old", "p"))
+    (tmp_path / names[0]).write_bytes(b"")  # the rename reached the disk, the data did not
+    whole = (tmp_path / names[1]).read_bytes()
+    (tmp_path / names[1]).write_bytes(whole[: len(whole) // 2])  # half of it
+    with caplog.at_level("WARNING"):
+        existing = output.scan_existing(out, "old", overwrite=False)
+    assert existing.files.keys() == {names[2]}
+    assert not existing.committed(0, names[0]) and not existing.committed(1, names[1])  # generated again
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[2]]
+    assert f"{names[0]} is damaged (0 bytes)" in caplog.text and f"{names[1]} is damaged (no Parquet footer)" in (
+        caplog.text
+    )
+
+
 def test_files_of_an_older_layout_are_not_mixed_with_new_ones(tmp_path):
     out = output.open_output_dir(str(tmp_path))
     output.write_shard(out, "part-00000-of-00001-abcd1234.parquet", one_row_table("old", "p"))
