@@ -187,25 +187,27 @@ class Engine:
         groups = plan.prefill_groups([len(w.row.input_ids) for w in taken], self.limits.step_cost_tokens)
         if not self._joinable:
             groups = [list(range(len(taken)))]
+        error = None
         try:
-            parts = [self._prefill([taken[i] for i in g]) for g in groups]
+            self._join([self._prefill([taken[i] for i in g]) for g in groups])  # join builds before it assigns
         except _oom_errors() as e:
-            _free_memory()
-            self.oom_events += 1
-            cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
-            self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
-            alone = taken[0]
-            if len(taken) > 1 or self.seqs:
-                waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
-            elif len(alone.samples) > 1:  # one row's samples apart: half of them at a time
-                half = len(alone.samples) // 2
-                waiting.appendleft(_Waiting(alone.row, alone.samples[half:], alone.steps, alone.admitted_at))
-                waiting.appendleft(_Waiting(alone.row, alone.samples[:half], alone.steps, alone.admitted_at))
-            else:
-                yield from self._fail(alone, e)
+            error = _first_line(e)  # not the exception: its traceback holds the failed step's tensors
+        if error is None:
+            yield from self._retire()
             return
-        self._join(parts)
-        yield from self._retire()
+        _free_memory()
+        self.oom_events += 1
+        cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
+        self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
+        alone = taken[0]
+        if len(taken) > 1 or self.seqs:
+            waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
+        elif len(alone.samples) > 1:  # one row's samples apart: half of them at a time
+            half = len(alone.samples) // 2
+            waiting.appendleft(_Waiting(alone.row, alone.samples[half:], alone.steps, alone.admitted_at))
+            waiting.appendleft(_Waiting(alone.row, alone.samples[:half], alone.steps, alone.admitted_at))
+        else:
+            yield from self._fail(alone, error)
 
     def _widest(self, taken: list[_Waiting]) -> int:
         return max([len(w.row.input_ids) for w in taken] + [len(s.row.input_ids) for s in self.seqs])
@@ -277,6 +279,7 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)
         positions = torch.tensor([[s.length] for s in self.seqs], device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.seqs), 1))], dim=1)
+        error = None
         try:
             out = self.model(
                 input_ids=tokens,
@@ -286,10 +289,12 @@ class Engine:
                 use_cache=True,
             )
         except _oom_errors() as e:
+            error = _first_line(e)  # not the exception: its traceback holds the failed step's tensors
+        if error is not None:
             _free_memory()
             self.oom_events += 1
             self._undo_step()
-            yield from self._evict(waiting, e)
+            yield from self._evict(waiting, error)
             return
         self.mask = mask
         for s, token in zip(self.seqs, self._choose(out.logits[:, -1], self.seqs)):
@@ -363,9 +368,11 @@ class Engine:
 
     # -- out of memory -------------------------------------------------------------------------
 
-    def _evict(self, waiting: deque[_Waiting], error: BaseException) -> Iterator[Finished]:
-        """A decode step did not fit: the newest half of the running set waits again (or one row fails)."""
+    def _evict(self, waiting: deque[_Waiting], error: str) -> Iterator[Finished]:
+        """A decode step did not fit: the newest half of the running set waits again (or one row fails).
 
+        A cache that cannot be cut (sliding-window, hybrid) sends every row back to wait instead.
+        """
         cost = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
         self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
         if len(self.seqs) == 1:
@@ -373,24 +380,31 @@ class Engine:
             self._reset()
             yield from self._fail(_Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
             return
-        keep = len(self.seqs) - len(self.seqs) // 2
+        keep = len(self.seqs) - len(self.seqs) // 2 if self._joinable else 0
         back: dict[int, _Waiting] = {}
         for s in self.seqs[keep:]:
             w = back.setdefault(id(s.row), _Waiting(s.row, [], admitted_at=s.admitted_at))
             w.samples.append(s.sample)
             w.steps[s.sample] = s.steps
         waiting.extendleft(reversed(list(back.values())))
+        if keep == 0:
+            self._reset()
+            return
         self.seqs = self.seqs[:keep]
         self._select(list(range(keep)))
 
-    def _fail(self, w: _Waiting, error: BaseException) -> Iterator[Finished]:
-        message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {str(error).splitlines()[0][:200]}"
+    def _fail(self, w: _Waiting, error: str) -> Iterator[Finished]:
+        message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {error}"
         if self.on_row_error == "fail":
-            raise RowFailedError(message) from error
+            raise RowFailedError(message)
         spent = time.perf_counter() - (w.admitted_at or time.perf_counter())
         for k in w.samples:
             result = SequenceResult(None, None, "error", message)
             yield Finished(w.row.key, k, result, 1, len(w.row.input_ids), w.steps.get(k, 0), spent)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

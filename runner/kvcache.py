@@ -4,7 +4,8 @@ transformers' `DynamicLayer.update` concatenates every step: each decode step co
 cache (batch x width x layers), which on a CPU costs more than the step's attention itself
 once a running set holds 64 rows of 700 positions. `GrowingLayer` writes each step's keys and
 values into spare room at the end of a buffer and hands attention a view of the used part;
-the buffer grows by `GROW` positions at a time, so a copy happens once per `GROW` steps.
+the buffer grows by `GROW` positions at a time, so between changes of the running set a copy
+happens once per `GROW` steps (a join or a cut copies the cache once, into a buffer with room).
 
 The engine changes the batch between steps: rows leave (`select`, which also cuts the
 columns only padding uses any more), prefilled rows join (`join`, left-padded to one width). These
@@ -69,6 +70,10 @@ class GrowingLayer(DynamicLayer):
         buf_v = torch.empty((*values.shape[:2], used + room, values.shape[3]), dtype=values.dtype, device=values.device)
         buf_k[:, :, :used] = keys
         buf_v[:, :, :used] = values
+        self.take(buf_k, buf_v, used)
+
+    def take(self, buf_k: Any, buf_v: Any, used: int) -> None:
+        """Use these buffers, of which the first `used` positions hold the cache."""
         self._buffers = (buf_k, buf_v)
         self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
         self._views = (self.keys, self.values)
@@ -111,6 +116,11 @@ def joinable(cache: Any) -> bool:
 
 def repeat(cache: Any, counts: Any) -> None:
     """Row i repeated counts[i] times (a row's samples share its prompt's cache)."""
+    import torch
+
+    if not joinable(cache):  # transformers' own reordering knows every kind of layer state
+        cache.reorder_cache(torch.arange(len(counts), device=counts.device).repeat_interleave(counts))
+        return
     for layer in cache.layers:
         layer.keys = layer.keys.repeat_interleave(counts, dim=0)
         layer.values = layer.values.repeat_interleave(counts, dim=0)
@@ -122,11 +132,39 @@ def join(caches: list[Any], width: int) -> Any:
     from torch.nn.functional import pad
 
     joined = caches[0]
-    for k, target in enumerate(joined.layers):
+    built = []  # every layer first: running out of memory half-way leaves the caches as they were
+    for k in range(len(joined.layers)):
         layers = [c.layers[k] for c in caches]
-        target.keys = torch.cat([pad(x.keys, (0, 0, width - x.keys.shape[2], 0)) for x in layers])
-        target.values = torch.cat([pad(x.values, (0, 0, width - x.values.shape[2], 0)) for x in layers])
+        if isinstance(joined.layers[k], GrowingLayer):  # one copy, straight into a buffer with room
+            built.append(_padded_buffers(layers, width, GROW))
+        else:
+            keys = torch.cat([pad(x.keys, (0, 0, width - x.keys.shape[2], 0)) for x in layers])
+            values = torch.cat([pad(x.values, (0, 0, width - x.values.shape[2], 0)) for x in layers])
+            built.append((keys, values))
+    for target, (keys, values) in zip(joined.layers, built):
+        if isinstance(target, GrowingLayer):
+            target.take(keys, values, width)
+        else:
+            target.keys, target.values = keys, values
     return joined
+
+
+def _padded_buffers(layers: list[Any], width: int, room: int) -> tuple[Any, Any]:
+    """Zeroed buffers [all rows, heads, width + room, dim] with each layer's rows right-aligned at `width`.
+
+    Padding must be finite (zeros): masked positions get no attention weight, but 0 x NaN is NaN.
+    """
+    first = layers[0]
+    rows = sum(x.keys.shape[0] for x in layers)
+    buf_k = first.keys.new_zeros((rows, first.keys.shape[1], width + room, first.keys.shape[3]))
+    buf_v = first.values.new_zeros((rows, first.values.shape[1], width + room, first.values.shape[3]))
+    at = 0
+    for x in layers:
+        n, w = x.keys.shape[0], x.keys.shape[2]
+        buf_k[at : at + n, :, width - w : width] = x.keys
+        buf_v[at : at + n, :, width - w : width] = x.values
+        at += n
+    return buf_k, buf_v
 
 
 def select(cache: Any, keep: list[int], cut: int = 0) -> None:
@@ -137,6 +175,9 @@ def select(cache: Any, keep: list[int], cut: int = 0) -> None:
     """
     import torch
 
+    if not joinable(cache):
+        cache.reorder_cache(torch.tensor(keep, device=cache.layers[0].keys.device if cache.layers else "cpu"))
+        return
     index = None
     for layer in cache.layers:
         if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(keep):

@@ -266,12 +266,6 @@ def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing
         if info.base_name.startswith(".") and ".tmp-" in info.base_name:
             out.fs.delete_file(info.path)
     data = [i for i in infos if _is_data_file(i)]
-    for info in [i for i in data if not overwrite]:
-        problem = damaged(out, info)
-        if problem:  # cut short by a crash or a power loss: its shard is redone
-            log.warning("%s is damaged (%s): removing it; its shard will be generated again", info.base_name, problem)
-            out.fs.delete_file(info.path)
-            data.remove(info)
     if overwrite:
         for info in data:
             out.fs.delete_file(info.path)
@@ -287,18 +281,28 @@ def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing
                 "elsewhere with output.dir=..., or replace them with output.overwrite=true"
             ]
         )
-    if data:
-        meta = read_file_metadata(out, data[0].path)
+    broken = {i.base_name: problem for i in data if (problem := damaged(out, i))}
+    whole = [i for i in data if i.base_name not in broken]
+    if whole:
+        meta = read_file_metadata(out, whole[0].path)
         theirs = meta.get(META_CONFIG_HASH, b"?").decode()
         if theirs != config_hash:
             raise ConfigError(
                 [
                     f"output.dir={redact(out.uri)!r} already holds results of another config (config hash "
-                    f"mismatch: it has {theirs}, this job is {config_hash}, in {data[0].base_name}); write "
+                    f"mismatch: it has {theirs}, this job is {config_hash}, in {whole[0].base_name}); write "
                     "elsewhere with output.dir=..., or replace them with output.overwrite=true"
                 ]
             )
-    files = {i.base_name: i.size for i in data}
+    for info in data:  # our shards, cut short by a crash or a power loss: generated again
+        if info.base_name in broken:
+            log.warning(
+                "%s is damaged (%s): removing it; its shard will be generated again",
+                info.base_name,
+                broken[info.base_name],
+            )
+            out.fs.delete_file(info.path)
+    files = {i.base_name: i.size for i in whole}
     return Existing(files, {int(SHARD_NAME.match(n).group(1)): n for n in files})
 
 

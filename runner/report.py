@@ -52,7 +52,7 @@ class Report:
             f"completion tokens: mean {s['completion_tokens_mean']:.1f}, total {s['completion_tokens_total']}",
             "finish reasons:    " + ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items())),
             f"padding:           prompt side {s['prompt_padding_efficiency']:.3f}, "
-            f"generation side {s['generation_efficiency']:.3f}",
+            f"generation side {_figure(s['generation_efficiency'])}",
         ]
         for worker, w in sorted(s["workers"].items()):
             lines.append(f"worker {worker}: {w['tokens']} tokens, busy {w['busy_s']:.1f}s, idle {w['idle_s']:.1f}s")
@@ -117,7 +117,10 @@ def run_figures(runs: list[Path]) -> dict[str, Any]:
     completion, steps, busy = 0, 0, {}
     for run in runs:
         path = run / output.MANIFEST if (run / output.MANIFEST).exists() else run / output.LEGACY_MANIFEST
-        this_run = json.loads(path.read_text()).get("this_run") or {}
+        manifest = json.loads(path.read_text())
+        this_run = manifest.get("this_run") or {}
+        if this_run.get("sequences") != (manifest.get("totals") or {}).get("rows"):
+            return {}  # resumed: the last invocation made only part of the rows, and nothing counted the rest
         completion += this_run.get("completion_tokens", 0)
         steps += this_run.get("generated_steps", 0)
         for worker, seconds in (this_run.get("worker_busy_s") or {}).items():
@@ -146,16 +149,17 @@ def summarize(rows: Any, batches: Any, figures: dict[str, Any] | None = None) ->
         "completion_tokens_total": int(rows["completion_tokens"].fillna(0).sum()),
         "finish_reasons": {str(k): int(v) for k, v in rows["finish_reason"].value_counts().items()},
         "prompt_padding_efficiency": float(batches["prompt_tokens"].sum() / batches["padded_prompt_tokens"].sum()),
+        # None where no manifest counted every row's steps (a resumed run): the rows cannot tell it
         "generation_efficiency": (
-            figures["completion_tokens"] / figures["generated_steps"]
-            if figures.get("generated_steps")
-            else float(
-                batches["completion_tokens"].sum() / (batches["sequences"] * batches["longest"].clip(lower=1)).sum()
-            )
+            figures["completion_tokens"] / figures["generated_steps"] if figures.get("generated_steps") else None
         ),
         "span_s": span,
         "workers": workers,
     }
+
+
+def _figure(value: float | None) -> str:
+    return "n/a (a resumed run: only its last invocation was counted)" if value is None else f"{value:.3f}"
 
 
 def _seconds(value: float) -> Any:
@@ -240,7 +244,7 @@ def write_html(report: Report, out: Path) -> Path:
             ("completion tokens", s["completion_tokens_total"]),
             ("finish reasons", ", ".join(f"{k}: {v}" for k, v in sorted(s["finish_reasons"].items()))),
             ("prompt-side padding efficiency", f"{s['prompt_padding_efficiency']:.3f}"),
-            ("generation-side efficiency", f"{s['generation_efficiency']:.3f}"),
+            ("generation-side efficiency", _figure(s["generation_efficiency"])),
         ]
     )
     workers = "".join(

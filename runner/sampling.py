@@ -14,6 +14,26 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+# Transformers' own defaults when sampling and the config leaves a value unset (what generate used).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+# Generation settings this engine does not apply; a model's or job's config that sets them is refused.
+UNSUPPORTED = (
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "no_repeat_ngram_size",
+    "min_new_tokens",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "encoder_repetition_penalty",
+    "num_beams",
+)
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -33,6 +53,10 @@ class Decoding:
 
     @classmethod
     def from_generation_config(cls, config: Any, seed: int, stop_strings: list[str] | None) -> Decoding:
+        def sampled(name: str) -> Any:
+            value = getattr(config, name)
+            return SAMPLING_DEFAULTS[name] if value is None else value
+
         eos = config.eos_token_id
         eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
         return cls(
@@ -41,9 +65,9 @@ class Decoding:
             pad_id=config.pad_token_id,
             samples=config.num_return_sequences or 1,
             do_sample=bool(config.do_sample),
-            temperature=config.temperature if config.do_sample else None,
-            top_k=config.top_k if config.do_sample else None,
-            top_p=config.top_p if config.do_sample else None,
+            temperature=sampled("temperature") if config.do_sample else None,
+            top_k=sampled("top_k") if config.do_sample else None,
+            top_p=sampled("top_p") if config.do_sample else None,
             repetition_penalty=config.repetition_penalty,
             seed=seed,
             stop_strings=tuple(stop_strings or ()),
@@ -112,3 +136,16 @@ def _warpers(d: Decoding) -> list[Any]:
     if d.top_p not in (None, 1.0):
         out.append(TopPLogitsWarper(d.top_p))
     return out
+
+
+def unsupported_settings(config: Any) -> list[str]:
+    """Settings of a GenerationConfig that the engine would not apply (set to other than transformers' default)."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    found = []
+    for name in UNSUPPORTED:
+        value = getattr(config, name, None)
+        if value is not None and value != getattr(default, name, None) and not (name == "num_beams" and value == 1):
+            found.append(f"{name}={value!r}")
+    return found

@@ -10,6 +10,7 @@ all ended and a summary once the shard's file is committed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -22,9 +23,9 @@ import pyarrow as pa
 
 from runner import output
 from runner.config import JobConfig
+from runner.sampling import SAMPLING_DEFAULTS
 
-# Transformers' own defaults when sampling and the config leaves a value unset.
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class ShardGenerator:
     def configure(self, setup: WorkerSetup) -> None:
         """Take the settings of the next job (a sweep point) without reloading the model."""
         from runner.engine import Engine
-        from runner.sampling import Decoding
+        from runner.sampling import Decoding, unsupported_settings
 
         if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
             raise ValueError("configure() cannot change the model; start a new worker for another model")
@@ -183,6 +184,9 @@ class ShardGenerator:
         decoding = Decoding.from_generation_config(
             self.generation_config, job.generation.seed, job.generation.stop_strings
         )
+        ignored = unsupported_settings(self.generation_config)
+        if ignored:  # from the model's own generation_config.json: the engine does not apply them
+            log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, ignored)
         self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error)
         self.out = output.open_output_dir(job.output.dir)
         self.schema = output.output_schema(setup.carry_schema, setup.file_metadata)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from runner.model import COMPLETE_MARKER, is_complete_model_dir
 
 PREPARE = "from runner.model import prepare_embedded_model as p; print('READY', p('SmolLM2-135M-Instruct'))"
@@ -27,6 +29,7 @@ def ready_path(proc: subprocess.Popen) -> Path:
     return Path(out.split("READY", 1)[1].strip())
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_two_workers_preparing_at_once_share_one_complete_folder(tmp_path):
     first, second = start(tmp_path), start(tmp_path)
     a, b = ready_path(first), ready_path(second)
@@ -54,6 +57,7 @@ def test_a_conversion_killed_halfway_is_never_trusted_and_is_redone(tmp_path):
     assert [p.name for p in models.iterdir() if p.is_dir()] == [path.name]  # the dead one was cleaned up
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_a_folder_without_its_marker_is_replaced(tmp_path, embedded_model_dir):
     import shutil
 

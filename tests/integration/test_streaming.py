@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import REPO, write_jsonl
 from tests.integration.jobs import assert_complete, job_args
@@ -61,6 +62,7 @@ def test_a_rerun_over_changed_prompts_is_refused_and_overwrite_replaces_the_resu
     assert edited[2]["prompt"] in prompt
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_rerunning_a_finished_job_generates_nothing_and_keeps_the_manifest_totals(t0_rows, tmp_path):
     folder, out = tmp_path / "prompts", tmp_path / "run"
     rows = split_into_folder(t0_rows, folder, files=1, per_file=4)
