@@ -343,7 +343,7 @@ class Engine:
         cut = int(used.int().argmax()) if self._joinable and bool(used.any()) else 0
         cut = cut if cut >= CUT_MIN else 0
         self.mask = mask[:, cut:]
-        kvcache.select(self.cache, keep, cut)
+        kvcache.select(self.cache, keep, self.device, cut)
 
     def _ended(self, s: _Sequence) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""

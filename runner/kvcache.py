@@ -167,7 +167,7 @@ def _padded_buffers(layers: list[Any], width: int, room: int) -> tuple[Any, Any]
     return buf_k, buf_v
 
 
-def select(cache: Any, keep: list[int], cut: int = 0) -> None:
+def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     """Keep only the rows `keep` (ascending), without their first `cut` positions (padding no kept row uses).
 
     Growing layers with nothing to cut move the kept rows down in place (only rows after the
@@ -176,14 +176,14 @@ def select(cache: Any, keep: list[int], cut: int = 0) -> None:
     import torch
 
     if not joinable(cache):
-        cache.reorder_cache(torch.tensor(keep, device=cache.layers[0].keys.device if cache.layers else "cpu"))
+        cache.reorder_cache(torch.tensor(keep, device=device))  # some layers hold no keys (linear attention)
         return
     index = None
     for layer in cache.layers:
         if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(keep):
             continue
         if index is None:
-            index = torch.tensor(keep, device=layer.keys.device)
+            index = torch.tensor(keep, device=device)
         keys, values = layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index)
         if isinstance(layer, GrowingLayer):
             layer.hold(keys, values, GROW)
