@@ -5,11 +5,14 @@ Usage:
 
 Exit status 0 only when every file is present and readable, row counts match
 the manifest, every (id, sample_index) appears exactly once and the schema
-holds every contract column; otherwise 1, with each problem listed.
+holds every contract column; otherwise 1, with each problem listed. Rows that
+failed (finish_reason=error) are counted and named; they are not a problem of
+the directory (rerun with output.retry_errors=true to generate them again).
 """
 
 import sys
 
+from runner.secrets import mask_text
 from runner.verify import verify_run
 
 
@@ -20,10 +23,13 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     verdict = verify_run(args["output.dir"])
+    errors = f"{verdict.errors} error rows (finish_reason=error)"
+    if verdict.errors:
+        errors += f", e.g. {verdict.error_examples}: rerun with output.retry_errors=true to generate them again"
     if verdict.ok:
-        print(f"OK: {verdict.rows} rows in {verdict.files} files, each (id, sample_index) once")
+        print(f"OK: {verdict.rows} rows in {verdict.files} files, each (id, sample_index) once; {errors}")
         return 0
-    print(f"FAILED: {len(verdict.problems)} problems in {args['output.dir']}", file=sys.stderr)
+    print(f"FAILED: {len(verdict.problems)} problems in {mask_text(args['output.dir'])}; {errors}", file=sys.stderr)
     for problem in verdict.problems:
         print(f"  - {problem}", file=sys.stderr)
     return 1

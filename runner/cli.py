@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from runner.config import ConfigError, to_job_config
+from runner.config import ConfigError, JobFailedError, to_job_config
 
 log = logging.getLogger("runner")
 EXAMPLES = 3
@@ -33,6 +33,7 @@ def generate(cfg: Any) -> int:
         0 on success; exits with 2 on bad config or input (the message names every problem).
     """
     from runner.job import run_job
+    from runner.secrets import mask_text
 
     try:
         job = to_job_config(cfg)
@@ -40,8 +41,11 @@ def generate(cfg: Any) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except JobFailedError as e:
+        print(f"error: the job failed: {mask_text(str(e))}", file=sys.stderr)
+        sys.exit(1)
     print("\n" + summary.describe())
-    print_examples(summary.output_dir)
+    print_examples(summary.output_uri)
     query = f"SELECT id, finish_reason, completion FROM read_parquet('{summary.output_dir}/*.parquet')"
     print(f'\nquery it:  python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
     return 0
@@ -68,12 +72,20 @@ def print_examples(output_dir: str, count: int = EXAMPLES) -> None:
     files = output.list_data_files(out)
     if not files:
         return
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with out.fs.open_input_file(files[0].path) as f:
-        table = pq.read_table(f, columns=["id", "sample_index", "completion", "finish_reason"])
+    from runner.secrets import mask_text
+
+    try:
+        with out.fs.open_input_file(files[0].path) as f:
+            table = pq.read_table(f, columns=["id", "sample_index", "completion", "finish_reason", "error"])
+    except (OSError, pa.ArrowException) as e:  # the job is done and committed: showing examples is a courtesy
+        log.warning("could not read back examples from %s: %s", out.display, mask_text(str(e)))
+        return
     table = table.sort_by([("id", "ascending"), ("sample_index", "ascending")]).slice(0, count)
     print(f"\na few completions (from {files[0].base_name}):")
     for row in table.to_pylist():
-        completion = row["completion"].strip().replace("\n", " ")
+        completion = (row["completion"] if row["completion"] is not None else row["error"] or "").strip()
+        completion = completion.replace("\n", " ")
         print(f"- [{row['id']}] ({row['finish_reason']}) {completion[:300]}")

@@ -36,6 +36,11 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class JobFailedError(RuntimeError):
+    """The job could not finish (workers kept failing, no resources, the output taken over); committed
+    shards stay, and the message says what happened and what to do."""
+
+
 @dataclass
 class DatasetConfig:
     path: str = MISSING
@@ -101,6 +106,10 @@ class ClusterConfig:
     num_workers: int | None = None
     # CPUs (and torch threads) of a CPU worker; None: 2, or fewer where every node is smaller.
     cpus_per_worker: int | None = None
+    # A busy worker that reports no progress (a planned batch ended) for this long is killed, its shard requeued.
+    hang_timeout_s: float = 1800.0
+    # Fail when no live node can hold even one worker for this long (the only node gone, no resources at all).
+    resources_timeout_s: float = 60.0
 
 
 @dataclass
@@ -110,6 +119,11 @@ class OutputConfig:
     overwrite: bool = False
     # A row that fails even alone (out of memory): `write` it with finish_reason=error, or `fail` the job.
     on_row_error: str = "write"
+    # Generate the error rows (finish_reason=error) of committed files again, and nothing else.
+    retry_errors: bool = False
+    # A run holds output.dir through `_lease.json`, renewed every lease_timeout_s / 4; another run takes
+    # over a lease not renewed for lease_timeout_s (its holder is presumed dead).
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -167,6 +181,8 @@ def validate(job: JobConfig) -> JobConfig:
         problems.append(
             f"output.on_row_error={job.output.on_row_error!r}: accepted values are {', '.join(ON_ROW_ERROR)}"
         )
+    if not job.output.lease_timeout_s >= 5:
+        problems.append(f"output.lease_timeout_s={job.output.lease_timeout_s}: must be >= 5 (seconds)")
     if not str(job.output.dir).strip():
         problems.append("output.dir='': must name a directory or a URI (file://, s3://, gs://)")
     if problems:
@@ -270,6 +286,9 @@ def _cluster_problems(c: ClusterConfig) -> list[str]:
         problems.append(f"cluster.num_workers={c.num_workers}: must be >= 1, or null for one per GPU/CPU slot")
     if c.cpus_per_worker is not None and c.cpus_per_worker < 1:
         problems.append(f"cluster.cpus_per_worker={c.cpus_per_worker}: must be >= 1, or null to fit the nodes")
+    for key in ("hang_timeout_s", "resources_timeout_s"):
+        if not getattr(c, key) > 0:
+            problems.append(f"cluster.{key}={getattr(c, key)}: must be > 0 (seconds)")
     return problems
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.config import ConfigError, DatasetConfig
-from runner.output import redact
+from runner.secrets import redact
 
 SHOW = 5  # how many offending ids an error message lists
 
@@ -281,6 +281,36 @@ def verbatim_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     if all(text == prefix + probe + suffix for text, probe in zip(rendered, PROBES)):
         return prefix, suffix
     return None
+
+
+def user_text(prompts: Prompts, row: int) -> str:
+    """The user's own text of a row: its prompt, or its last user message (what a cut may shorten)."""
+    if prompts.prompts is not None:
+        return prompts.prompts[row]
+    users = [m["content"] for m in prompts.messages[row] if m["role"] == "user"]
+    return users[-1] if users else prompts.messages[row][-1]["content"]
+
+
+def cut_user_text(tokenizer: Any, text: str, user: str, add_special: bool, limit: int) -> list[int] | None:
+    """Token ids of `text` cut to `limit` by dropping the start of the user's text inside it.
+
+    What the chat template puts around the user's text (system prompt, role headers, the
+    assistant turn) is kept whole, as are the tokenizer's own special tokens. None when the
+    user's text cannot be found in `text`, or what surrounds it alone does not fit.
+    """
+    at = text.rfind(user) if user else -1
+    if at < 0 and user.strip():  # templates that trim the message
+        user = user.strip()
+        at = text.rfind(user)
+    if at < 0:
+        return None
+    head = tokenize(tokenizer, [text[:at]], add_special)[0]
+    tail = tokenize(tokenizer, [text[at + len(user) :]], False)[0] if at + len(user) < len(text) else []
+    room = limit - len(head) - len(tail)
+    if room < 1:
+        return None
+    middle = tokenize(tokenizer, [user], False)[0]
+    return head + middle[-room:] + tail
 
 
 def render_and_tokenize(prompts: Prompts, tokenizer: Any, chat_template: str) -> tuple[list[str], list[list[int]]]:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner import kvcache, plan
+from runner import faults, kvcache, plan
 from runner.sampling import Chooser, Decoding, stream_key
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
@@ -57,6 +57,7 @@ class Row:
     key: int  # the caller's index of the row
     row_id: str  # the row's id: with the seed and the sample index, its random stream
     input_ids: list[int]
+    samples: tuple[int, ...] | None = None  # the sample indices to generate (None: all of them)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Engine:
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
         self._chooser = Chooser(decoding)
         self._joinable = kvcache.joinable(kvcache.new_cache(model))
+        self._failing_rows = faults.failing_rows()
         self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in decoding.stop_strings), default=0) + 2
         self._reset()
 
@@ -132,11 +134,12 @@ class Engine:
         """Yield every sequence of `rows` (samples of a row: sample_index 0..n-1) as it ends.
 
         Raises:
-            RowFailedError: a row ran out of memory alone and on_row_error is `fail`.
+            RowFailedError: a row ran out of memory alone, or its decoding raised, and on_row_error is `fail`.
         """
         import torch
 
-        waiting = deque(_Waiting(r, list(range(self.decoding.samples))) for r in rows)
+        every = tuple(range(self.decoding.samples))
+        waiting = deque(_Waiting(r, list(every if r.samples is None else r.samples)) for r in rows)
         self._reset()
         with torch.inference_mode():
             while waiting or self.seqs:
@@ -318,7 +321,10 @@ class Engine:
 
         ended, kept = [], []
         for i, s in enumerate(self.seqs):
-            result = self._ended(s)
+            try:
+                result = self._ended(s)
+            except Exception as e:  # confined to this row (decoding its text, a stop string): the row fails
+                result = self._row_error(s, f"{type(e).__name__}: {_first_line(e)}")
             if result is None:
                 kept.append(i)
             else:
@@ -345,8 +351,16 @@ class Engine:
         self.mask = mask[:, cut:]
         kvcache.select(self.cache, keep, self.device, cut)
 
+    def _row_error(self, s: _Sequence, error: str) -> SequenceResult:
+        message = f"row {s.row.row_id!r} failed: {error}"
+        if self.on_row_error == "fail":
+            raise RowFailedError(message)
+        return SequenceResult(None, None, "error", message)
+
     def _ended(self, s: _Sequence) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""
+        if s.row.row_id in self._failing_rows:
+            raise faults.InjectedFault("injected fault in this row's decoding")
         d = self.decoding
         last = s.tokens[-1]
         if last in d.eos_ids:

@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from runner import __version__, output, sources
-from runner.config import ConfigError, JobConfig, as_dict, config_hash, validate
+from runner import lease as lease_lib
+from runner.config import ConfigError, JobConfig, JobFailedError, as_dict, config_hash, validate
 from runner.prepare import TOKENS, PrepareSpec
 from runner.progress import ProgressBar, RunTotals
 from runner.session import Session
@@ -35,10 +36,13 @@ class JobStart:
 
 @dataclass
 class RunSummary:
-    output_dir: str
+    output_dir: str  # as shown: credentials in a URI masked
+    output_uri: str  # as given, to open it again (never printed)
     manifest_path: str
     rows_total: int
     rows_skipped: int  # committed by an earlier run and not redone
+    rows_redone: int  # error rows of an earlier run generated again (output.retry_errors)
+    errors: int  # rows in the output with finish_reason=error
     totals: RunTotals
     plan_padding_efficiency: float
 
@@ -49,6 +53,9 @@ class RunSummary:
             + (f", {self.rows_skipped} from an earlier run" if self.rows_skipped else "")
             + ")",
             f"tokens:      {t.prompt_tokens} prompt, {t.completion_tokens} generated",
+            f"errors:      {self.errors} rows with finish_reason=error"
+            + (" (rerun with output.retry_errors=true to generate them again)" if self.errors else "")
+            + (f"; {self.rows_redone} error rows of an earlier run generated again" if self.rows_redone else ""),
             f"throughput:  {t.tokens_per_s:.1f} generated tokens/s over {t.elapsed_s:.1f}s",
             f"padding:     prompt-side efficiency {t.prompt_padding_efficiency:.3f} "
             f"(plan {self.plan_padding_efficiency:.3f}), generation-side {t.generation_efficiency:.3f}",
@@ -101,13 +108,19 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
     """
     own_session = session is None
     session = session or Session()
+    lease = None
     try:
         st = start(job)
+        lease = lease_lib.acquire(st.out, st.run_id, job.output.lease_timeout_s)  # before touching any file
         existing = output.scan_existing(st.out, st.config_hash, job.output.overwrite)
         if existing.files:
             log.warning(
                 "resuming: %d shard files already in %s are kept and skipped", len(existing.files), st.out.display
             )
+        if job.output.retry_errors and existing.files:
+            existing.redo = output.error_rows(st.out, sorted(existing.files))
+            count = sum(len(k) for rows in existing.redo.values() for k in rows.values())
+            log.warning("retry_errors: %d error rows in %d files will be generated again", count, len(existing.redo))
         session.connect(job.cluster)
         stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job))
         bar = ProgressBar(0, enabled=progress)
@@ -131,24 +144,35 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
             del first  # the feed holds the tasks now: prepared rows are freed as their shards finish
             try:
                 pool = session.workers(job, setup, known_shards)
-                pool.run(setup, feed, bar)
+                pool.run(setup, feed, bar, check=lease.check)
+            except BaseException:
+                session.drop_workers()  # a sweep's next point starts with no shard of this one still running
+                raise
             finally:
                 feed.close()
             if not (feed.finished and stream.finished):
-                raise RuntimeError("planning stopped before the end of the input; rerun the same command")
+                raise JobFailedError("planning stopped before the end of the input; rerun the same command")
         if stream.single_window is not None:
             session.keep_chunks(job, stream.single_window)
         totals = bar.close()
+        lease.check()
+        manifest_path, manifest = commit_manifest(st, stream, totals, bar.shard_files)
     finally:
-        if own_session:
-            session.close()
+        try:
+            if own_session:
+                session.close()
+        finally:
+            if lease is not None:
+                lease.release()
     samples = job.generation.num_return_sequences
-    manifest_path = commit_manifest(st, stream, totals, bar.shard_files)
     return RunSummary(
         output_dir=st.out.display,
+        output_uri=st.out.uri,
         manifest_path=manifest_path,
         rows_total=stream.stats.rows * samples,
         rows_skipped=stream.stats.committed_rows * samples,
+        rows_redone=stream.stats.redo_rows,
+        errors=manifest["totals"]["errors"],
         totals=totals,
         plan_padding_efficiency=stream.stats.padding_efficiency,
     )
@@ -161,7 +185,9 @@ def _tracked(windows, stream: JobStream, bar: ProgressBar):
         yield tasks
 
 
-def commit_manifest(st: JobStart, stream: JobStream, totals: RunTotals, written: dict[str, dict]) -> str:
+def commit_manifest(
+    st: JobStart, stream: JobStream, totals: RunTotals, written: dict[str, dict]
+) -> tuple[str, dict[str, Any]]:
     """Check the directory holds every planned shard and nothing else, then write `_manifest.json` (last).
 
     Row and token totals come from this run's workers and, for shards of earlier runs, from
@@ -172,7 +198,7 @@ def commit_manifest(st: JobStart, stream: JobStream, totals: RunTotals, written:
     expected = {s.name: s.rows for s in stream.shards}
     missing = sorted(set(expected) - set(present))
     if missing:
-        raise RuntimeError(
+        raise JobFailedError(
             f"{len(missing)} shard files are missing after the run: {missing[:5]}; "
             "rerun the same command to finish them"
         )
@@ -191,8 +217,20 @@ def commit_manifest(st: JobStart, stream: JobStream, totals: RunTotals, written:
     samples = st.job.generation.num_return_sequences
     wrong = [n for n, rows in expected.items() if per_file[n]["rows"] != rows * samples]
     if wrong:
-        raise RuntimeError(f"{len(wrong)} files do not hold their planned rows, e.g. {wrong[:3]}; rerun with overwrite")
-    files = [{"path": n, "rows": per_file[n]["rows"], "bytes": present[n]} for n in sorted(expected)]
+        raise JobFailedError(
+            f"{len(wrong)} files do not hold their planned rows, e.g. {wrong[:3]}; rerun with overwrite"
+        )
+    files = [
+        {
+            "path": n,
+            "rows": per_file[n]["rows"],
+            "errors": per_file[n].get("errors", 0),
+            "completion_tokens": per_file[n]["completion_tokens"],
+            "bytes": present[n],
+        }
+        | {k: written[n][k] for k in ("worker", "started_at", "ended_at", "generated_steps") if k in written.get(n, {})}
+        for n in sorted(expected)
+    ]
     run_ids = sorted({r for t in per_file.values() for r in t.get("run_ids", [])})
     manifest: dict[str, Any] = {
         "run_id": st.run_id,
@@ -206,6 +244,7 @@ def commit_manifest(st: JobStart, stream: JobStream, totals: RunTotals, written:
         "totals": {
             "rows": sum(f["rows"] for f in files),
             "files": len(files),
+            "errors": sum(f["errors"] for f in files),
             "prompt_tokens": sum(t["prompt_tokens"] for t in per_file.values()),
             "completion_tokens": sum(t["completion_tokens"] for t in per_file.values()),
         },
@@ -220,7 +259,7 @@ def commit_manifest(st: JobStart, stream: JobStream, totals: RunTotals, written:
         "this_run": totals.as_dict(),
         "host": os.uname().nodename,
     }
-    return output.write_manifest(out, manifest)
+    return output.write_manifest(out, manifest), manifest
 
 
 def _plan_fingerprint(stream: JobStream) -> str:

@@ -16,16 +16,17 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from runner.config import ConfigError
+from runner.secrets import mask_text, redact
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ META_CONFIG_HASH = b"runner.config_hash"
 META_PLAN = b"runner.plan_fingerprint"
 META_RUN_ID = b"runner.run_id"
 META_TOTALS = b"runner.shard_totals"  # rows and token counts of the file, so a manifest needs no column reads
-# "hf_token" or "api_key" are secrets; "max_new_tokens" is not.
-SECRET_KEY = re.compile(r"(^|_)token$|secret|passw|api_?key|credential|auth", re.IGNORECASE)
 
 BASE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
@@ -94,20 +93,6 @@ def file_metadata(config: dict[str, Any], config_hash: str, run_id: str) -> dict
     }
 
 
-def redact(value: Any) -> Any:
-    """Mask secret-looking keys and credentials embedded in URIs, recursively."""
-    if isinstance(value, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and "@" in value and "://" in value:
-        parts = urlsplit(value)
-        if parts.password or parts.username:
-            host = parts.hostname or ""
-            return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
-    return value
-
-
 @dataclass(frozen=True)
 class OutputDir:
     """A run directory on some pyarrow filesystem."""
@@ -158,26 +143,66 @@ def shard_file_name(shard_id: int, fingerprint: str) -> str:
     return f"part-{shard_id:06d}-{fingerprint[:12]}.parquet"
 
 
-def write_shard(out: OutputDir, name: str, table: pa.Table) -> str:
+WRITE_ATTEMPTS = 4
+WRITE_BACKOFF_S = 1.0  # doubled after each failed attempt: 1, 2, 4 s
+
+
+def write_shard(out: OutputDir, name: str, table: pa.Table, backoff_s: float = WRITE_BACKOFF_S) -> str:
     """Write one shard as zstd Parquet under a temporary name, then rename it into place.
 
     On a local disk the file's bytes are flushed to the disk (fsync) before the rename and the
     directory after it, so a power loss leaves either no file or a whole one under the name.
+    A failed write (a storage error, a dropped connection) is tried again with back-off;
+    the last failure is raised (the scheduler then retries the shard).
     """
+    from runner import faults
+
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            faults.on_write(name)
+            return _write_once(out, name, table)
+        except (OSError, pa.ArrowException) as e:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "writing %s failed (attempt %d of %d: %s); trying again in %.0fs",
+                name,
+                attempt,
+                WRITE_ATTEMPTS,
+                mask_text(str(e).splitlines()[0] if str(e) else type(e).__name__),
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _write_once(out: OutputDir, name: str, table: pa.Table) -> str:
     final = out.join(name)
     tmp = out.join(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    if isinstance(out.fs, pafs.LocalFileSystem):
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(out.path)
+    try:
+        if isinstance(out.fs, pafs.LocalFileSystem):
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(out.path)
+            return final
+        with out.fs.open_output_stream(tmp) as sink:  # object stores: the upload appears whole or not at all
+            pq.write_table(table, sink, compression="zstd")
+        out.fs.move(tmp, final)
         return final
-    with out.fs.open_output_stream(tmp) as sink:  # object stores: the upload appears whole or not at all
-        pq.write_table(table, sink, compression="zstd")
-    out.fs.move(tmp, final)
-    return final
+    except BaseException:
+        _delete_quietly(out, tmp)
+        raise
+
+
+def _delete_quietly(out: OutputDir, path: str) -> None:
+    try:
+        out.fs.delete_file(path)
+    except (OSError, pa.ArrowException):
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -232,6 +257,7 @@ class Existing:
 
     files: dict[str, int]  # committed data file name -> size in bytes
     by_shard: dict[int, str]  # shard number -> file name
+    redo: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # file -> row id -> error samples
 
     def committed(self, shard_id: int, name: str) -> bool:
         """Whether the planned shard is already in the directory.
@@ -325,21 +351,53 @@ def read_shard_totals(out: OutputDir, names: list[str], threads: int = 16) -> li
         with out.fs.open_input_file(out.join(name)) as f:
             parquet = pq.ParquetFile(f)
             meta = parquet.schema_arrow.metadata or {}
-            if META_TOTALS in meta:
-                return json.loads(meta[META_TOTALS])
-            return shard_totals(parquet.read(columns=["prompt_tokens", "completion_tokens", "sample_index", "run_id"]))
+            if META_TOTALS not in meta:
+                return shard_totals(parquet.read(columns=[*TOTALS_COLUMNS]))
+            totals = json.loads(meta[META_TOTALS])
+            if "errors" not in totals:  # footers of older runs did not count error rows
+                reasons = parquet.read(columns=["finish_reason"]).column("finish_reason")
+                totals["errors"] = reasons.to_pylist().count("error")
+            return totals
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(one, names))
 
 
+TOTALS_COLUMNS = ("prompt_tokens", "completion_tokens", "sample_index", "run_id", "finish_reason")
+
+
+def error_rows(out: OutputDir, names: list[str], threads: int = 16) -> dict[str, dict[str, list[int]]]:
+    """The error rows (finish_reason=error) of committed files: file -> row id -> sample indices.
+
+    Footers say which files hold any (one small read each); only those files' columns are read.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
+
+    with_errors = [n for n, t in zip(names, read_shard_totals(out, names, threads)) if t.get("errors")]
+
+    def one(name: str) -> dict[str, list[int]]:
+        with out.fs.open_input_file(out.join(name)) as f:
+            table = pq.read_table(f, columns=["id", "sample_index", "finish_reason"])
+        table = table.filter(pc.equal(table.column("finish_reason"), "error"))
+        found: dict[str, list[int]] = {}
+        for row_id, k in zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()):
+            found.setdefault(row_id, []).append(k)
+        return found
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return {n: rows for n, rows in zip(with_errors, pool.map(one, with_errors)) if rows}
+
+
 def shard_totals(table: pa.Table) -> dict[str, Any]:
-    """Rows, prompt tokens (once per input row), generated tokens and run ids of a shard's table."""
+    """Rows, error rows, prompt tokens (once per input row), generated tokens and run ids of a shard's table."""
     import pyarrow.compute as pc
 
     first = pc.equal(table.column("sample_index"), 0)
     return {
         "rows": table.num_rows,
+        "errors": pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0,
         "prompt_tokens": pc.sum(table.filter(first).column("prompt_tokens")).as_py() or 0,
         "completion_tokens": pc.sum(table.column("completion_tokens")).as_py() or 0,
         "run_ids": sorted(table.column("run_id").unique().to_pylist()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,7 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     except ConfigError as e:
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
-    truncated, too_long = fit_context(input_ids, spec)
+    truncated, too_long = fit_context(input_ids, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit))
     meta = ChunkMeta(
         rows=len(texts),
         lengths=np.fromiter((len(x) for x in input_ids), dtype=np.int32, count=len(input_ids)),
@@ -142,12 +143,18 @@ def _failed(chunk: Any, problems: list[str], title: str) -> ChunkMeta:
     )
 
 
-def fit_context(input_ids: list[list[int]], spec: PrepareSpec) -> tuple[list[int], list[tuple[int, int]]]:
+def fit_context(
+    input_ids: list[list[int]], spec: PrepareSpec, cut: Callable[[int, int], list[int] | None]
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Make every prompt leave room for max_new_tokens in the model's context window.
 
+    Args:
+        cut: (row, limit) -> the row's ids cut to `limit` from the left of the user's text (the
+            chat template's pieces kept), or None when that cannot be done.
+
     Returns:
-        Tokens cut from the left of each prompt (all 0 unless dataset.too_long=truncate_left), and
-        (row, tokens) of each prompt that does not fit when too_long=refuse (the driver refuses them).
+        Tokens cut from each prompt (all 0 unless dataset.too_long=truncate_left), and (row, tokens)
+        of each prompt that does not fit (too_long=refuse, or no cut possible): the driver refuses them.
     """
     truncated = [0] * len(input_ids)
     if not spec.context:
@@ -156,10 +163,22 @@ def fit_context(input_ids: list[list[int]], spec: PrepareSpec) -> tuple[list[int
     too_long = [(i, len(x)) for i, x in enumerate(input_ids) if len(x) > limit]
     if spec.dataset.too_long == "refuse":
         return truncated, too_long
+    uncut = []
     for i, n in too_long:
-        truncated[i] = n - limit
-        input_ids[i] = input_ids[i][-limit:]
-    return truncated, []
+        shorter = cut(i, limit)
+        if shorter is None:
+            uncut.append((i, n))
+            continue
+        truncated[i] = n - len(shorter)
+        input_ids[i] = shorter
+    return truncated, uncut
+
+
+def _cut(texts: list[str], prompts: Any, tokenizer: Any, spec: PrepareSpec, row: int, limit: int) -> list[int] | None:
+    add_special = prompts.messages is None and (
+        spec.model.chat_template == "none" or not getattr(tokenizer, "chat_template", None)
+    )
+    return data.cut_user_text(tokenizer, texts[row], data.user_text(prompts, row), add_special, limit)
 
 
 def _hashes(values: list[str]) -> np.ndarray:

@@ -7,6 +7,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# What the manifest records of each file this run wrote (rows and tokens for every file; the rest for the report).
+SHARD_FIGURES = (
+    "rows",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "run_ids",
+    "worker",
+    "started_at",
+    "ended_at",
+    "generated_steps",
+)
+MAX_RETRIES_LISTED = 1000
+
 
 @dataclass
 class RunTotals:
@@ -21,6 +35,7 @@ class RunTotals:
     batches: int = 0
     shards: int = 0
     retries: int = 0
+    retried: list[dict[str, Any]] = field(default_factory=list)  # which shard, why, when (epoch seconds)
     busy_s: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -54,6 +69,8 @@ class RunTotals:
             "completion_tokens": self.completion_tokens,
             "generated_steps": self.generated_steps,
             "retries": self.retries,
+            "retried": self.retried,
+            "started_at": self.started,
             "elapsed_s": round(self.elapsed_s, 3),
             "generated_tokens_per_s": round(self.tokens_per_s, 3),
             "prompt_padding_efficiency": round(self.prompt_padding_efficiency, 4),
@@ -81,7 +98,7 @@ class ProgressBar:
         self._total = total_rows
         self._done = already_done
         self._committed = 0
-        self._shard_rows: dict[int, tuple[int, int]] = {}  # shard -> (rows, sequences) counted so far
+        self._sent: dict[int, list[dict[str, Any]]] = {}  # shard -> batch events of its running attempt
         self.shard_files: dict[str, dict[str, Any]] = {}  # file committed by this run -> its totals
 
     def planned(self, rows: int, committed_rows: int) -> None:
@@ -98,34 +115,41 @@ class ProgressBar:
         t = self.totals
         kind = event.get("event")
         if kind == "batch":
-            t.rows += event["rows"]
-            t.sequences += event["sequences"]
-            t.prompt_tokens += event["prompt_tokens"]
-            t.padded_prompt_tokens += event["padded_prompt_tokens"]
-            t.completion_tokens += event["completion_tokens"]
-            t.generated_steps += event["generated_steps"]
-            t.batches += 1
-            t.busy_s[event["worker"]] = t.busy_s.get(event["worker"], 0.0) + event["latency_s"]
-            rows, sequences = self._shard_rows.get(event["shard_id"], (0, 0))
-            self._shard_rows[event["shard_id"]] = (rows + event["rows"], sequences + event["sequences"])
+            self._add(event, +1)
+            sent = self._sent.setdefault(event["shard_id"], [])
+            sent.append(event)
             self._done += event["rows"]
             self.bar.update(event["rows"])
             self.bar.set_postfix(tok_s=f"{t.tokens_per_s:.1f}", refresh=False)
             self._log_line()
         elif kind == "shard":
             t.shards += 1
-            self.shard_files[event["file"]] = {
-                k: event[k] for k in ("rows", "prompt_tokens", "completion_tokens", "run_ids")
-            }
+            self._sent.pop(event["shard_id"], None)
+            self.shard_files[event["file"]] = {k: event[k] for k in SHARD_FIGURES if k in event}
         elif kind == "retry":
-            # The shard is redone from its start: its rows will be reported again, so they are not counted twice.
-            rows, sequences = self._shard_rows.pop(event["shard_id"], (0, 0))
-            t.rows -= rows
-            t.sequences -= sequences
+            # The shard is redone from its start: what its failed attempt reported (rows, tokens, steps,
+            # busy time) is taken back, so the totals count each row once and tokens/s only what was kept.
+            rows = 0
+            for sent in self._sent.pop(event["shard_id"], []):
+                self._add(sent, -1)
+                rows += sent["rows"]
             self._done -= rows
             self.bar.update(-rows)
             t.retries += 1
-            self.bar.write(f"worker lost on shard {event['shard_id']}; retrying it ({event['error']})")
+            if len(t.retried) < MAX_RETRIES_LISTED:
+                t.retried.append({"shard_id": event["shard_id"], "error": event["error"], "at": time.time()})
+            self.bar.write(f"shard {event['shard_id']} failed; retrying it ({event['error']})")
+
+    def _add(self, event: dict[str, Any], sign: int) -> None:
+        t = self.totals
+        t.rows += sign * event["rows"]
+        t.sequences += sign * event["sequences"]
+        t.prompt_tokens += sign * event["prompt_tokens"]
+        t.padded_prompt_tokens += sign * event["padded_prompt_tokens"]
+        t.completion_tokens += sign * event["completion_tokens"]
+        t.generated_steps += sign * event["generated_steps"]
+        t.batches += sign
+        t.busy_s[event["worker"]] = t.busy_s.get(event["worker"], 0.0) + sign * event["latency_s"]
 
     @property
     def rows_done(self) -> int:

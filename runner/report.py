@@ -1,4 +1,7 @@
-"""A run report: the figures a user checks first, as PNG plots and one self-contained HTML page.
+"""A run report: the figures a user checks first, as SVG plots and one self-contained HTML page.
+
+SVG, not PNG: a run directory holding more images than Parquet files would be read as an
+image folder by HF datasets, which picks a directory's format by its most common extension.
 
 Works on a run directory (one manifest) and on a sweep directory (several run
 directories below it; plots then compare the sampling settings side by side).
@@ -18,6 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from runner import output
+from runner.report_plots import make_plots, seconds, setting_label
 
 COLUMNS = [
     "id",
@@ -43,6 +47,7 @@ class Report:
     summary: dict[str, Any]
     plots: dict[str, Path] = field(default_factory=dict)
     html_path: Path | None = None
+    settings: list[dict[str, Any]] = field(default_factory=list)  # one line per run: its setting and figures
 
     def describe(self) -> str:
         s = self.summary
@@ -108,29 +113,36 @@ def batch_table(rows: Any) -> Any:
     return batches.sort_values("created_at").reset_index(drop=True)
 
 
-def run_figures(runs: list[Path]) -> dict[str, Any]:
+def load_manifests(runs: list[Path]) -> list[dict[str, Any]]:
+    manifests = []
+    for run in runs:
+        path = run / output.MANIFEST if (run / output.MANIFEST).exists() else run / output.LEGACY_MANIFEST
+        manifests.append(json.loads(path.read_text()))
+    return manifests
+
+
+def run_figures(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """What the workers reported, summed over the runs' manifests: tokens, engine steps, busy time per worker.
 
     The rows cannot tell these: the engine's planned batches overlap in time, and it spends no
     step on an ended row (a static batch's rows x longest would overstate the cost).
     """
-    completion, steps, busy = 0, 0, {}
-    for run in runs:
-        path = run / output.MANIFEST if (run / output.MANIFEST).exists() else run / output.LEGACY_MANIFEST
-        manifest = json.loads(path.read_text())
+    completion, steps, busy, retries = 0, 0, {}, 0
+    for manifest in manifests:
+        retries += (manifest.get("this_run") or {}).get("retries", 0)
         this_run = manifest.get("this_run") or {}
         if this_run.get("sequences") != (manifest.get("totals") or {}).get("rows"):
             return {}  # resumed: the last invocation made only part of the rows, and nothing counted the rest
         completion += this_run.get("completion_tokens", 0)
         steps += this_run.get("generated_steps", 0)
-        for worker, seconds in (this_run.get("worker_busy_s") or {}).items():
-            busy[worker] = busy.get(worker, 0.0) + seconds
-    return {"completion_tokens": completion, "generated_steps": steps, "worker_busy_s": busy}
+        for worker, busy_s in (this_run.get("worker_busy_s") or {}).items():
+            busy[worker] = busy.get(worker, 0.0) + busy_s
+    return {"completion_tokens": completion, "generated_steps": steps, "worker_busy_s": busy, "retries": retries}
 
 
 def summarize(rows: Any, batches: Any, figures: dict[str, Any] | None = None) -> dict[str, Any]:
     figures = figures or {}
-    start = (batches["created_at"] - batches["latency_s"].map(_seconds)).min()
+    start = (batches["created_at"] - batches["latency_s"].map(seconds)).min()
     end = batches["created_at"].max()
     span = (end - start).total_seconds()
     workers = {}
@@ -148,6 +160,8 @@ def summarize(rows: Any, batches: Any, figures: dict[str, Any] | None = None) ->
         "completion_tokens_mean": float(rows["completion_tokens"].fillna(0).mean()),
         "completion_tokens_total": int(rows["completion_tokens"].fillna(0).sum()),
         "finish_reasons": {str(k): int(v) for k, v in rows["finish_reason"].value_counts().items()},
+        "errors": int((rows["finish_reason"] == "error").sum()),
+        "retries": figures.get("retries"),
         "prompt_padding_efficiency": float(batches["prompt_tokens"].sum() / batches["padded_prompt_tokens"].sum()),
         # None where no manifest counted every row's steps (a resumed run): the rows cannot tell it
         "generation_efficiency": (
@@ -162,75 +176,20 @@ def _figure(value: float | None) -> str:
     return "n/a (a resumed run: only its last invocation was counted)" if value is None else f"{value:.3f}"
 
 
-def _seconds(value: float) -> Any:
-    import pandas as pd
-
-    return pd.Timedelta(seconds=float(value))
-
-
-def make_plots(rows: Any, batches: Any, out: Path) -> dict[str, Path]:
-    """Write the PNG plots into `out`; return them by name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots: dict[str, Path] = {}
-
-    def save(name: str, fig: Any) -> None:
-        path = out / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        plots[name] = path
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].hist(rows.loc[rows["sample_index"] == 0, "prompt_tokens"], bins=30, color="tab:blue")
-    axes[0].set(title="prompt length", xlabel="tokens", ylabel="rows")
+def settings_table(rows: Any) -> list[dict[str, Any]]:
+    """Each run's (a sweep point's) sampling setting and what it produced, side by side."""
+    table = []
     for run, group in rows.groupby("run"):
-        axes[1].hist(group["completion_tokens"].fillna(0), bins=30, alpha=0.6, label=_setting(group, run))
-    axes[1].set(title="completion length", xlabel="tokens", ylabel="rows")
-    axes[1].legend(fontsize=7)
-    save("lengths", fig)
-
-    reasons = rows.groupby(["run", "finish_reason"]).size().unstack(fill_value=0)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    reasons.index = [_setting(rows[rows["run"] == r], r) for r in reasons.index]
-    reasons.plot.bar(ax=ax, stacked=True)
-    ax.set(title="finish reasons per setting", ylabel="rows", xlabel="")
-    save("finish_reasons", fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    start = (batches["created_at"] - batches["latency_s"].map(_seconds)).min()
-    labels = []
-    for row, (worker, group) in enumerate(batches.groupby("worker")):
-        t = (group["created_at"] - start).dt.total_seconds()
-        axes[0].plot(t, group["completion_tokens"] / group["latency_s"], marker="o", label=worker)
-        axes[1].broken_barh(list(zip(t - group["latency_s"], group["latency_s"])), (row, 0.8))
-        labels.append(worker)
-    axes[0].set(title="generated tokens/s per batch", xlabel="seconds since start", ylabel="tokens/s")
-    axes[0].legend(fontsize=7)
-    axes[1].set(title="worker busy (bars) and idle (gaps)", xlabel="seconds since start")
-    axes[1].set_yticks([i + 0.4 for i in range(len(labels))], labels=labels, fontsize=7)
-    save("workers", fig)
-
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.plot(batches.index, batches["prompt_efficiency"], marker=".", label="prompt side")
-    ax.set(
-        title="prompt-side padding efficiency per planned batch (real / padded prompt tokens)",
-        xlabel="batch, in finishing order",
-        ylim=(0, 1.05),
-    )
-    ax.legend()
-    save("padding", fig)
-    return plots
-
-
-def _setting(group: Any, run: str) -> str:
-    temperature, top_p = group["temperature"].iloc[0], group["top_p"].iloc[0]
-    if temperature != temperature or temperature is None:  # NaN: greedy
-        return f"{run}: greedy"
-    return f"{run}: T={temperature:g}, top_p={top_p:g}"
+        reasons = group["finish_reason"].value_counts()
+        table.append(
+            {
+                "setting": setting_label(group, run),
+                "rows": int(len(group)),
+                "mean completion tokens": round(float(group["completion_tokens"].fillna(0).mean()), 1),
+                **{f"{k} share": round(float(v) / len(group), 3) for k, v in sorted(reasons.items())},
+            }
+        )
+    return table
 
 
 def write_html(report: Report, out: Path) -> Path:
@@ -243,6 +202,8 @@ def write_html(report: Report, out: Path) -> Path:
             ("rows", s["rows"]),
             ("completion tokens", s["completion_tokens_total"]),
             ("finish reasons", ", ".join(f"{k}: {v}" for k, v in sorted(s["finish_reasons"].items()))),
+            ("error rows", f"{s['errors']}" + (" (rerun with output.retry_errors=true)" if s["errors"] else "")),
+            ("shards retried", "n/a" if s.get("retries") is None else s["retries"]),
             ("prompt-side padding efficiency", f"{s['prompt_padding_efficiency']:.3f}"),
             ("generation-side efficiency", _figure(s["generation_efficiency"])),
         ]
@@ -251,16 +212,23 @@ def write_html(report: Report, out: Path) -> Path:
         f"<tr><td>{html.escape(w)}</td><td>{v['tokens']}</td><td>{v['busy_s']:.1f}</td><td>{v['idle_s']:.1f}</td></tr>"
         for w, v in sorted(s["workers"].items())
     )
+    columns = sorted({k for line in report.settings for k in line}, key=lambda k: (k != "setting", k != "rows", k))
+    settings = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    settings += "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(line.get(c, 0)))}</td>" for c in columns) + "</tr>"
+        for line in report.settings
+    )
     images = "".join(
         f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{name}' "
-        f"src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+        f"src='data:image/svg+xml;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
         for name, path in report.plots.items()
     )
     page = (
         f"<!doctype html><meta charset='utf-8'><title>runner report</title>"
         f"<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}td{{padding:2px 10px}}</style>"
         f"<h1>Run report</h1><table>{rows}</table><h2>workers</h2><table><tr><th>worker</th><th>tokens</th>"
-        f"<th>busy s</th><th>idle s</th></tr>{workers}</table>{images}"
+        f"<th>busy s</th><th>idle s</th></tr>{workers}</table>"
+        f"<h2>settings side by side</h2><table>{settings}</table>{images}"
     )
     path = out / "report.html"
     path.write_text(page)
@@ -276,7 +244,9 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Report:
     batches = batch_table(rows)
     target = Path(out or Path(root) / REPORT_DIR)
     target.mkdir(parents=True, exist_ok=True)
-    report = Report([str(r) for r in runs], summarize(rows, batches, run_figures(runs)))
-    report.plots = make_plots(rows, batches, target)
+    manifests = load_manifests(runs)
+    report = Report([str(r) for r in runs], summarize(rows, batches, run_figures(manifests)))
+    report.settings = settings_table(rows)
+    report.plots = make_plots(rows, batches, target, manifests)
     report.html_path = write_html(report, target)
     return report

@@ -9,19 +9,22 @@ renamed into place, a retried shard can never be written twice.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from runner.config import ClusterConfig, ConfigError
+from runner import faults
+from runner.config import ClusterConfig, ConfigError, JobFailedError
 from runner.raynet import keep_loopback_addresses
 from runner.stream import TaskFeed
 from runner.worker import ShardGenerator, ShardTask, WorkerSetup
 
 log = logging.getLogger(__name__)
 MAX_SHARD_ATTEMPTS = 3
+ERRORS_BEFORE_REPLACING = 2  # a worker whose shards raise this many times in a row is replaced
 DEFAULT_CPUS_PER_WORKER = 2  # CPU workers when cluster.cpus_per_worker is null, unless the nodes are smaller
 GROW_CHECK_S = 5.0  # how often the pool looks for new nodes to put workers on
 
@@ -36,17 +39,17 @@ def connect(cluster: ClusterConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    common = {
-        "logging_level": logging.WARNING,
-        "log_to_driver": True,
-        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    }
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get(faults.ENV):  # a failure test's injected faults reach the workers wherever they run
+        env[faults.ENV] = os.environ[faults.ENV]
+    common = {"logging_level": logging.WARNING, "log_to_driver": True, "runtime_env": {"env_vars": env}}
     with keep_loopback_addresses():
         if cluster.address:
             ray.init(address=cluster.address, **common)
         else:
-            # A private cluster for this job: every server on 127.0.0.1, dashboard included.
-            ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **common)
+            # A private cluster for this job: every server on 127.0.0.1, and no dashboard: its job-submission
+            # API would let any local user run code as this user.
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **common)
     return True
 
 
@@ -124,6 +127,11 @@ class WorkerPool:
         self.running: dict[Any, tuple[Any, ShardTask]] = {}  # stream -> (actor, task)
         self.configured: dict[int, WorkerSetup] = {}  # id(actor) -> the setup it holds
         self.start_failures: list[str] = []
+        self.last_heard: dict[Any, float] = {}  # stream -> when its worker last reported progress
+        self.failed_on: dict[int, set[Any]] = {}  # shard -> the workers it raised on
+        self.errors_in_a_row: dict[Any, int] = {}  # worker -> shards it raised on since its last success
+        self.committed: set[Any] = set()  # streams whose shard file is committed (only their end is to come)
+        self.no_room_since: float | None = None
         for _ in range(workers.count):
             self._spawn()
 
@@ -136,36 +144,54 @@ class WorkerPool:
         self.configured[id(actor)] = self.setup
         self.starting[actor.ready.remote()] = actor
 
-    def run(self, setup: WorkerSetup, feed: TaskFeed, on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Run every task the feed gives (in the order given) to completion; retried shards go first."""
+    def run(
+        self,
+        setup: WorkerSetup,
+        feed: TaskFeed,
+        on_event: Callable[[dict[str, Any]], None],
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """Run every task the feed gives (in the order given) to completion; retried shards go first.
+
+        Args:
+            check: called every loop; raises to stop the run (the output directory's lease was lost).
+        """
         ray = self._ray
         self.setup = setup
+        cluster = setup.job.cluster
         retry: deque[ShardTask] = deque()
         attempts: dict[int, int] = {}
+        self.failed_on = {}  # shard ids repeat between the jobs (sweep points) a pool runs
         no_worker_since = last_grow = time.time()
         while True:
             while self.idle:
                 task = retry.popleft() if retry else feed.next()
                 if task is None:
                     break
-                actor = self.idle.pop()
+                actor = self._pick_idle(task)
                 if self.configured[id(actor)] is not setup:  # calls on one actor run in order
                     actor.configure.remote(setup)
                     self.configured[id(actor)] = setup
-                attempts[task.shard_id] = attempts.get(task.shard_id, 0) + 1
-                self.running[actor.run_shard.options(num_returns="streaming").remote(task)] = (actor, task)
+                attempts[task.shard_id] = task.attempt = attempts.get(task.shard_id, 0) + 1
+                stream = actor.run_shard.options(num_returns="streaming").remote(task)
+                self.running[stream] = (actor, task)
+                self.last_heard[stream] = time.time()
             if not self.running and not retry and feed.exhausted:
                 return
+            if check is not None:
+                check()
             if self.idle or self.running:
                 no_worker_since = time.time()
             elif time.time() - no_worker_since > self.start_timeout_s:
-                raise RuntimeError(
+                raise JobFailedError(
                     f"no worker has been able to start for {self.start_timeout_s:.0f}s: the cluster has no free "
                     f"{self.workers.options} for one; failures so far: {self.start_failures[-3:]}"
                 )
             if time.time() - last_grow > GROW_CHECK_S:
                 last_grow = time.time()
                 self._follow_cluster()
+                self._check_resources(cluster.resources_timeout_s)
+            self._kill_hung(cluster.hang_timeout_s, retry, attempts, on_event)
             waiting = list(self.running) + list(self.starting)
             if not waiting:
                 time.sleep(0.05)  # idle workers wait for the planner's next window
@@ -176,6 +202,56 @@ class WorkerPool:
                     self._on_started(ref)
                 else:
                     self._on_stream(ref, retry, attempts, on_event)
+
+    def _pick_idle(self, task: ShardTask) -> Any:
+        """An idle worker; for a retried shard, one that has not failed it where there is one."""
+        failed = self.failed_on.get(task.shard_id, set())
+        for i in range(len(self.idle) - 1, -1, -1):
+            if _key(self.idle[i]) not in failed:
+                return self.idle.pop(i)
+        return self.idle.pop()
+
+    def _check_resources(self, timeout_s: float) -> None:
+        """Fail when, for `timeout_s`, no worker is up and no live node could hold one."""
+        if self.idle or self.running:
+            self.no_room_since = None
+            return
+        need = {"CPU": self.workers.options.get("num_cpus", 0), "GPU": self.workers.options.get("num_gpus", 0)}
+        nodes = [n for n in self._ray.nodes() if n.get("Alive")]
+        if any(all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            self.no_room_since = None
+            return
+        self.no_room_since = self.no_room_since or time.time()
+        if time.time() - self.no_room_since >= timeout_s:
+            have = [{k: n["Resources"].get(k, 0) for k in need} for n in nodes]
+            raise JobFailedError(
+                f"no live node of the cluster can hold a worker ({self.workers.options}) for "
+                f"{timeout_s:.0f}s: {len(nodes)} node(s) alive, with {have}. Add a node with those resources, "
+                "lower cluster.cpus_per_worker, or raise cluster.resources_timeout_s where an autoscaler "
+                "adds nodes; rerun the same command to go on from the committed shards"
+            )
+
+    def _kill_hung(self, timeout_s: float, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
+        """A busy worker silent for `timeout_s` (no planned batch ended) is killed; its shard is retried."""
+        now = time.time()
+        for stream, (actor, task) in list(self.running.items()):
+            if now - self.last_heard[stream] < timeout_s:
+                continue
+            del self.running[stream]
+            self._ray.kill(actor, no_restart=True)
+            self._forget(actor)
+            error = f"no progress for {now - self.last_heard.pop(stream):.0f}s (cluster.hang_timeout_s): worker killed"
+            if stream not in self.committed:
+                self._retry(task, error, retry, attempts, on_event)
+            self.committed.discard(stream)
+            self._spawn()
+
+    def _retry(self, task: ShardTask, error: str, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
+        if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
+            raise JobFailedError(f"shard {task.shard_id} failed {MAX_SHARD_ATTEMPTS} times; the last error: {error}")
+        log.warning("shard %s failed (%s); the shard goes back on the queue", task.shard_id, error)
+        on_event({"event": "retry", "shard_id": task.shard_id, "error": error})
+        retry.append(task)
 
     def _follow_cluster(self) -> None:
         """Start workers on resources that joined the cluster (a node added, the autoscaler)."""
@@ -203,7 +279,7 @@ class WorkerPool:
         except self._ray.exceptions.RayActorError as e:
             self.start_failures.append(_short(e))
             if "creation task" in str(e):  # the model failed to load: another try will not help
-                raise RuntimeError(f"a worker could not start:\n{e}") from e
+                raise JobFailedError(f"a worker could not start:\n{e}") from e
             log.warning("a worker died while starting (%s); starting another", _short(e))
             self._spawn()
             return
@@ -215,19 +291,50 @@ class WorkerPool:
         ray = self._ray
         actor, task = self.running[stream]
         try:
-            on_event(ray.get(next(stream)))
+            event = ray.get(next(stream))
+            on_event(event)
+            self.last_heard[stream] = time.time()
+            if event.get("event") == "shard":  # its file is committed: whatever happens next, it is done
+                self.committed.add(stream)
+            return
         except StopIteration:
-            del self.running[stream]
             self.idle.append(actor)
-        except ray.exceptions.RayActorError as e:
-            del self.running[stream]
-            if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
-                lost = f"shard {task.shard_id} lost its worker {MAX_SHARD_ATTEMPTS} times"
-                raise RuntimeError(f"{lost}; the last error: {e}") from e
-            log.warning("worker died on shard %s (%s); the shard goes back on the queue", task.shard_id, _short(e))
-            on_event({"event": "retry", "shard_id": task.shard_id, "error": _short(e)})
-            retry.append(task)
+            self.errors_in_a_row.pop(_key(actor), None)
+        except ray.exceptions.RayActorError as e:  # the worker died (process killed, node lost)
+            if stream not in self.committed:
+                self._retry(task, f"worker lost: {_short(e)}", retry, attempts, on_event)
+            self._forget(actor)
             self._spawn()
+        except ray.exceptions.RayTaskError as e:  # the shard raised; the worker lives on
+            from runner.engine import RowFailedError  # here: importing the engine imports torch
+
+            if isinstance(e.cause, RowFailedError):  # on_row_error=fail: the user asked for the job to stop
+                raise JobFailedError(f"shard {task.shard_id}: {e.cause} (output.on_row_error=fail)") from e
+            if stream not in self.committed:
+                self.failed_on.setdefault(task.shard_id, set()).add(_key(actor))
+                self._retry(task, f"{type(e.cause).__name__}: {_short(e.cause or e)}", retry, attempts, on_event)
+            self.errors_in_a_row[_key(actor)] = self.errors_in_a_row.get(_key(actor), 0) + 1
+            if self.errors_in_a_row[_key(actor)] >= ERRORS_BEFORE_REPLACING:  # a broken worker (device state)
+                log.warning("a worker failed %d shards in a row: replacing it", ERRORS_BEFORE_REPLACING)
+                self._ray.kill(actor, no_restart=True)
+                self._forget(actor)
+                self._spawn()
+            else:
+                self.idle.append(actor)
+        del self.running[stream]
+        self.last_heard.pop(stream, None)
+        self.committed.discard(stream)
+
+    def _forget(self, actor: Any) -> None:
+        """Drop what was kept about a worker that is gone."""
+        self.errors_in_a_row.pop(_key(actor), None)
+        for workers in self.failed_on.values():
+            workers.discard(_key(actor))
+
+
+def _key(actor: Any) -> Any:
+    """A worker's identity that outlives its handle (id() of a freed handle is reused)."""
+    return actor._actor_id
 
 
 def _short(e: BaseException) -> str:

@@ -69,6 +69,14 @@ class Session:
             self.pools_started += 1
         return self.pool
 
+    def drop_workers(self) -> None:
+        """Kill the pool's workers (a job failed mid-run): nothing it was running goes on into the next job."""
+        import ray
+
+        if self.pool is not None and ray.is_initialized():
+            self.pool.close()
+        self.pool = self._pool_key = None
+
     def close(self) -> None:
         import ray
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from runner.config import ConfigError, DatasetConfig
-from runner.output import redact
+from runner.secrets import redact
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 GLOB_CHARS = "*?["

@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from runner import output, plan, sources
 from runner.config import ConfigError, JobConfig
-from runner.output import redact
 from runner.prepare import ChunkMeta, ChunkPreparer, PrepareSpec
+from runner.secrets import redact
 from runner.worker import ShardTask
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class PlanStats:
     truncated: int = 0
     committed_shards: int = 0  # already in output.dir from an earlier run
     committed_rows: int = 0
+    redo_rows: int = 0  # error rows of committed shards generated again (output.retry_errors)
     longest: list[tuple[int, str]] = field(default_factory=list)  # (tokens, id), longest first
     lengths: list[np.ndarray] | None = None  # every prompt length, when asked for (dry run)
     started: float = field(default_factory=time.time)
@@ -182,10 +183,14 @@ class JobStream:
         tasks = []
         for shard in plan.schedule_order(the_plan):
             name = output.shard_file_name(shard.shard_id, shard.fingerprint)
+            redo = None
             if self.existing is not None and self.existing.committed(shard.shard_id, name):
                 self.stats.committed_shards += 1
                 self.stats.committed_rows += shard.num_rows
-                continue
+                redo = self.existing.redo.get(name)
+                if redo is None:
+                    continue
+                self.stats.redo_rows += sum(len(v) for v in redo.values())
             batches, start = [], 0
             for batch in shard.batches:
                 batches.append((batch.batch_id, start, start + len(batch.rows)))
@@ -200,6 +205,7 @@ class JobStream:
                     batches=batches,
                     parts=[window[k][1] for k in used.tolist()],
                     take=take,
+                    redo=redo,
                 )
             )
         for shard in sorted(the_plan.shards, key=lambda s: s.shard_id):
@@ -243,7 +249,12 @@ class JobStream:
                 [
                     f"{len(too_long)} prompts are longer than the model's context ({self.spec.context} tokens) minus "
                     f"generation.max_new_tokens={g.max_new_tokens}: {shown}; shorten them, lower max_new_tokens, "
-                    "or set dataset.too_long=truncate_left to keep their ends"
+                    + (
+                        "or set dataset.too_long=truncate_left to keep their ends"
+                        if self.job.dataset.too_long == "refuse"
+                        else "or shorten what the chat template puts around them (system prompt, earlier turns): "
+                        "with too_long=truncate_left only the user's own text is cut, and that alone is not enough"
+                    )
                 ],
                 title=f"bad input in {redact(self.job.dataset.path)}",
             )

@@ -15,6 +15,8 @@ from runner import output
 class Verdict:
     rows: int = 0
     files: int = 0
+    errors: int = 0  # rows with finish_reason=error
+    error_examples: list[tuple[str, int]] = field(default_factory=list)  # (id, sample_index) of a few
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -50,7 +52,12 @@ def verify_run(uri: str) -> Verdict:
             verdict.problems.append(f"{name}: {table.num_rows} rows, the manifest says {listed[name]}")
         _check_schema(name, table.schema, manifest["config_hash"], verdict)
         if "id" in table.column_names and "sample_index" in table.column_names:
-            keys.update(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
+            pairs = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
+            keys.update(pairs)
+            if "finish_reason" in table.column_names:
+                failed = [p for p, r in zip(pairs, table.column("finish_reason").to_pylist()) if r == "error"]
+                verdict.errors += len(failed)
+                verdict.error_examples += failed[: 3 - len(verdict.error_examples)]
     repeated = [k for k, n in keys.items() if n > 1]
     if repeated:
         verdict.problems.append(f"{len(repeated)} (id, sample_index) pairs appear more than once, e.g. {repeated[:3]}")
@@ -61,6 +68,9 @@ def verify_run(uri: str) -> Verdict:
     short = [i for i, n in per_id.items() if n != samples]
     if short:
         verdict.problems.append(f"{len(short)} ids do not have exactly {samples} samples, e.g. {short[:3]}")
+    counted = manifest.get("totals", {}).get("errors")
+    if counted is not None and counted != verdict.errors:
+        verdict.problems.append(f"{verdict.errors} error rows in the files, the manifest totals say {counted}")
     expected = manifest.get("totals", {}).get("rows")
     if expected is not None and verdict.rows != expected:
         verdict.problems.append(f"{verdict.rows} rows in the files, the manifest totals say {expected}")

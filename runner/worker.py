@@ -54,6 +54,8 @@ class ShardTask:
     batches: list[tuple[int, int, int]]  # (batch_id, start, end)
     parts: list[Any]
     take: Any  # int64 array (rows, 2): (part, row within the part) per row, in generation order
+    attempt: int = 1  # which try of this shard (the scheduler counts them)
+    redo: dict[str, list[int]] | None = None  # row id -> sample indices to generate again (retry_errors)
 
     def gather(self, carry_schema: pa.Schema) -> pa.Table:
         """The shard's prepared rows in generation order, carried columns cast to the run's schema."""
@@ -97,7 +99,8 @@ class BatchTally:
     """A planned batch's figures, summed as its sequences end (they end at different steps)."""
 
     batch_id: int
-    rows: int
+    rows: int  # new rows in the output (0 when its rows are generated again over error rows)
+    expected: int = 0  # sequences to generate
     sequences: int = 0
     prompt_tokens: int = 0
     padded_prompt_tokens: int = 0
@@ -124,6 +127,16 @@ class BatchTally:
     @property
     def latency_s(self) -> float:
         return self.ended - (self.started or self.ended)
+
+
+def _wanted(ids: list[str], per_row: int, redo: dict[str, list[int]] | None) -> dict[int, tuple[int, ...]]:
+    """Which sample indices of which rows (by position) a task generates: all, or those to redo."""
+    if redo is None:
+        return {r: tuple(range(per_row)) for r in range(len(ids))}
+    strangers = set(redo) - set(ids)
+    if strangers:  # never write a file without rows it held
+        raise RuntimeError(f"rows to generate again are not in this shard: {sorted(strangers)[:3]}")
+    return {r: tuple(sorted(redo[i])) for r, i in enumerate(ids) if i in redo}
 
 
 def worker_name(index: int) -> str:
@@ -200,27 +213,37 @@ class ShardGenerator:
 
         Rows enter the engine in plan order; a progress event follows each planned batch once
         all its sequences have ended. The file holds the rows in plan order, samples in order.
+        A task with `redo` (output.retry_errors) generates only those sequences again and
+        writes them over their error rows in the committed file; every other row stays as it was.
         """
+        from runner import faults
         from runner.engine import Row
         from runner.prepare import TOKENS
 
+        faults.on_shard(task.shard_id, task.attempt)
+        started_at = time.time()
         rows = task.gather(self.setup.carry_schema)
         ids, prompts = rows.column("id").to_pylist(), rows.column("prompt").to_pylist()
         input_ids = rows.column(TOKENS).to_pylist()
         truncated = rows.column("truncated_tokens").to_pylist()
         per_row = self.setup.job.generation.num_return_sequences
+        wanted = _wanted(ids, per_row, task.redo)  # row -> the sample indices to generate
         batch_of: dict[int, BatchTally] = {}
         for batch_id, start, end in task.batches:
-            tally = BatchTally(batch_id, end - start)
-            batch_of.update((r, tally) for r in range(start, end))
+            tally = BatchTally(batch_id, 0 if task.redo else end - start)  # redone rows are not new rows
+            for r in range(start, end):
+                if r in wanted:
+                    batch_of[r] = tally
+                    tally.expected += len(wanted[r])
         done: dict[tuple[int, int], Any] = {}
         oom_seen, last_event = self.engine.oom_events, time.perf_counter()
-        for f in self.engine.generate([Row(i, ids[i], input_ids[i]) for i in range(len(ids))]):
+        engine_rows = [Row(r, ids[r], input_ids[r], samples) for r, samples in wanted.items()]
+        for f in self.engine.generate(engine_rows):
             now = time.perf_counter()
             done[(f.key, f.sample_index)] = f
             tally = batch_of[f.key]
             tally.add(f, len(input_ids[f.key]), now)
-            if tally.sequences < tally.rows * per_row:
+            if tally.sequences < tally.expected:
                 continue
             yield {
                 "event": "batch",
@@ -240,9 +263,9 @@ class ShardGenerator:
             oom_seen, last_event = self.engine.oom_events, now
         columns: dict[str, list[Any]] = {f.name: [] for f in output.BASE_FIELDS}
         carry_rows: list[int] = []
-        for row in range(len(ids)):
+        for row, samples in wanted.items():
             tally = batch_of[row]
-            for k in range(per_row):
+            for k in samples:
                 f = done[(row, k)]
                 carry_rows.append(row)
                 values = {
@@ -266,6 +289,8 @@ class ShardGenerator:
                 for name, column in columns.items():
                     column.append(values[name])
         table = self._table(columns, rows.select(self.setup.carry_schema.names).take(pa.array(carry_rows, pa.int64())))
+        if task.redo:
+            table = self._over_committed(task, table, ids, per_row)
         totals = output.shard_totals(table)
         metadata = {**self.schema.metadata, output.META_PLAN: task.fingerprint.encode()}
         metadata[output.META_TOTALS] = json.dumps(totals).encode()
@@ -275,8 +300,31 @@ class ShardGenerator:
             "worker": self.name,
             "shard_id": task.shard_id,
             "file": task.file_name,
+            "redone": sum(len(s) for s in wanted.values()) if task.redo else 0,
+            "generated_steps": sum(f.steps for f in done.values()),
+            "started_at": started_at,
+            "ended_at": time.time(),
             **totals,
         }
+
+    def _over_committed(self, task: ShardTask, redone: pa.Table, ids: list[str], per_row: int) -> pa.Table:
+        """The committed file's rows with the redone sequences in place of their error rows, in plan order."""
+        import numpy as np
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        with self.out.fs.open_input_file(self.out.join(task.file_name)) as f:
+            committed = pq.read_table(f).select(self.schema.names).cast(self.schema)
+        position = {row_id: i for i, row_id in enumerate(ids)}
+        redo = {(row_id, k) for row_id, samples in task.redo.items() for k in samples}
+        pairs = zip(committed.column("id").to_pylist(), committed.column("sample_index").to_pylist())
+        kept = committed.filter(pa.array([pair not in redo for pair in pairs]))
+        table = pa.concat_tables([kept, redone])
+        order = pc.add(
+            pc.multiply(pa.array([position[i] for i in table.column("id").to_pylist()], pa.int64()), per_row),
+            table.column("sample_index").cast(pa.int64()),
+        )
+        return table.take(np.argsort(order.to_numpy(), kind="stable"))
 
     def _table(self, columns: dict[str, list[Any]], carry: pa.Table) -> pa.Table:
         arrays = [pa.array(columns[f.name], type=f.type) for f in output.BASE_FIELDS]

@@ -47,3 +47,35 @@ def assert_complete(out: Path, ids: set[str]) -> None:
 
 def expected_ids(prompts: Path) -> set[str]:
     return {json.loads(line)["id"] for line in prompts.read_text().splitlines()}
+
+
+def read_with_every_reader(directory: Path) -> dict[str, list[tuple]]:
+    """The rows of a run or sweep directory, as it is, through each reader users point at it.
+
+    Each reader's rows as sorted (id, sample_index, temperature, completion) tuples. DuckDB is given
+    its directory syntax (a glob); the others the directory itself.
+    """
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    columns = ["id", "sample_index", "temperature", "completion"]
+
+    def rows(records) -> list[tuple]:
+        return sorted((tuple(r[c] for c in columns) for r in records), key=repr)
+
+    path = str(directory)
+    found = {
+        "pandas": rows(pd.read_parquet(path, columns=columns).to_dict("records")),
+        "polars": rows(pl.read_parquet(path, columns=columns, use_pyarrow=True).to_dicts()),
+        "pyarrow.dataset": rows(ds.dataset(path, format="parquet").to_table(columns=columns).to_pylist()),
+        "duckdb": rows(
+            duckdb.sql(f"SELECT {', '.join(columns)} FROM read_parquet('{path}/**/*.parquet')")
+            .to_arrow_table()
+            .to_pylist()
+        ),
+        "datasets": rows(datasets.load_dataset(path, split="train").select_columns(columns).to_list()),
+    }
+    return found

@@ -83,25 +83,54 @@ def test_a_failing_submitted_job_makes_the_wrapper_fail(two_nodes, tmp_path):
     assert "generation.temperature=-1.0: must be >= 0" in result.stdout
 
 
-def test_a_local_run_listens_on_loopback_only():
+def test_a_local_run_listens_on_loopback_only_and_offers_no_job_api(tmp_path):
     code = """
-import json, os, psutil
+import json, os, sys, time, psutil, urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from runner.config import ClusterConfig
 from runner.scheduler import connect
 connect(ClusterConfig())
+time.sleep(5)  # every server of the cluster is up and listening
 me = psutil.Process(os.getpid())
 pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
-print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
-                         if c.status == psutil.CONN_LISTEN and c.pid in pids})))
+listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN and c.pid in pids}
+marker = sys.argv[1]
+job = json.dumps({"entrypoint": f"touch {marker}", "submission_id": "intruder"}).encode()
+
+
+def submit(port, path):  # what another local user could do, without a token
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=job, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return (port, path) if b"intruder" in r.read() else None
+    except Exception:
+        return None
+
+
+with ThreadPoolExecutor(32) as pool:  # at once: a job API answers only once the job is submitted
+    paths = ("/api/jobs/", "/api/job_agent/jobs/")
+    tried = [pool.submit(submit, port, path) for _, port in listening for path in paths]
+    job_apis = [f.result() for f in tried if f.result()]
+for _ in range(20):  # a job API that took it (even slower than the timeout to answer) runs it in seconds
+    if os.path.exists(marker):
+        break
+    time.sleep(0.5)
+print(json.dumps({"addresses": sorted({ip for ip, _ in listening}), "job_apis": job_apis}))
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    marker = tmp_path / "intruder-job-ran"
+    command = [sys.executable, "-c", code, str(marker)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 
-    addresses = json.loads(result.stdout.strip().splitlines()[-1])
-    assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["addresses"] and set(found["addresses"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, found
+    assert found["job_apis"] == [] and not marker.exists(), found
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_the_readmes_ray_job_submit_command_runs_on_the_cluster(two_nodes, tmp_path):
     """The README's `ray job submit` line, verbatim but for the test cluster's port, a small job and the output dir."""
     import re

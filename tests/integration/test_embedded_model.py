@@ -38,6 +38,7 @@ def test_two_workers_preparing_at_once_share_one_complete_folder(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [a.name]
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_a_conversion_killed_halfway_is_never_trusted_and_is_redone(tmp_path):
     proc = start(tmp_path)
     models = tmp_path / "models"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import REPO
 from tests.integration.jobs import ROWS, assert_complete, expected_ids, job_args, wait_for_files
@@ -31,6 +37,7 @@ def test_driver_killed_mid_run_then_the_same_command_finishes_the_job(prompts, t
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes (the hung-worker kill and the node loss stay in it)
 def test_a_worker_process_killed_mid_shard_is_replaced_and_the_job_completes(prompts, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -53,3 +60,86 @@ def test_a_worker_process_killed_mid_shard_is_replaced_and_the_job_completes(pro
     assert proc.returncode == 0, stderr[-3000:]
     assert "goes back on the queue" in stdout + stderr
     assert_complete(out, expected_ids(prompts))
+
+
+def test_a_raising_shard_a_failing_write_a_hung_worker_and_a_failing_row_cost_nothing(prompts, tmp_path):
+    """Real faults injected in the real worker processes (runner.faults), then the run checked as a user would."""
+    out = tmp_path / "run"
+    failing_id = sorted(expected_ids(prompts))[5]
+    faults = {
+        "shard_error": {"1": 1},  # shard 1 raises in its first attempt
+        "write_error": {"part-000002": 2},  # shard 2's file fails to write twice, then lands
+        "shard_hang": {"4": 1},  # shard 4's first worker sleeps forever
+        "row_error": [failing_id],  # one row's decoding raises, every time
+    }
+    env = {**os.environ, "RUNNER_FAULTS": json.dumps(faults)}
+    args = job_args(prompts, out, "cluster.num_workers=1", "cluster.hang_timeout_s=20")
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "shard 1 failed (InjectedFault: injected error in shard 1, attempt 1)" in log
+    assert "writing part-000002" in log and "trying again" in log
+    assert "shard 4 failed (no progress for" in log
+    assert "errors:      1 rows with finish_reason=error (rerun with output.retry_errors=true" in result.stdout
+    assert_complete(out, expected_ids(prompts))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["totals"]["errors"] == 1 and manifest["this_run"]["retries"] == 2
+    assert manifest["this_run"]["rows"] == ROWS  # the failed attempts' rows are not counted twice
+    verify = [sys.executable, "jobs/verify.py", f"output.dir={out}"]
+    checked = subprocess.run(verify, cwd=REPO, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert f"1 error rows (finish_reason=error), e.g. [('{failing_id}', 0)]" in checked.stdout
+
+    # the same command with output.retry_errors=true, the fault gone: that row, and nothing else, again
+    before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    rerun = subprocess.run([*args, "output.retry_errors=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "errors:      0 rows" in rerun.stdout and "1 error rows of an earlier run generated again" in rerun.stdout
+    assert_complete(out, expected_ids(prompts))
+    after = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    changed = [n for n in before if before[n] != after[n]]
+    assert len(changed) == 1
+    rows = pq.read_table(out / changed[0]).to_pylist()
+    old = {r["id"]: r for r in pq.read_table(pa.BufferReader(before[changed[0]])).to_pylist()}
+    assert [r["id"] for r in rows] == list(old)
+    for r in rows:
+        if r["id"] == failing_id:
+            assert r["finish_reason"] != "error" and r["completion"] and r["run_id"] != old[r["id"]]["run_id"]
+        else:
+            assert r == old[r["id"]]
+
+
+def test_a_second_run_on_a_live_runs_directory_is_refused_and_overwrite_deletes_nothing(prompts, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        job_args(prompts, out, "cluster.num_workers=1", "output.overwrite=true"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_files(out, 1, first)
+    holder = json.loads((out / "_lease.json").read_text())
+    for extra in ("output.overwrite=true", "output.overwrite=false"):
+        started = time.time()
+        second = subprocess.run(job_args(prompts, out, extra), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and time.time() - started < 60, second.stderr[-2000:]
+        assert f"in use by another run (run {holder['run_id']}" in second.stderr
+        assert f"process {first.pid}" in second.stderr
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert_complete(out, expected_ids(prompts))
+    assert not (out / "_lease.json").exists()
+
+
+def test_a_cluster_where_no_node_can_hold_a_worker_fails_within_a_minute(prompts, tmp_path):
+    """The job's own Ray, its node reporting no CPU at all (as when the only worker node is gone)."""
+    env = {**os.environ, "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 0})}
+    args = job_args(prompts, tmp_path / "run", "cluster.resources_timeout_s=10")
+    started = time.time()
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and time.time() - started < 60, result.stderr[-3000:]
+    assert "error: the job failed: no live node of the cluster can hold a worker ({'num_cpus': 1}) for 10s" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import REPO, write_jsonl
+from tests.integration.jobs import read_with_every_reader
 from tests.unit.test_output import DESIGN_COLUMNS
 
 QUESTIONS = [
@@ -225,42 +226,17 @@ def test_missing_model_folder_is_named(tmp_path, unseen_jsonl):
     assert result.returncode == 2 and "model.name_or_path='./models/missing-model': no such folder" in result.stderr
 
 
-def test_duckdb_polars_pandas_and_pyarrow_read_the_same_rows_and_types(sampled_run):
-    import pandas as pd
-    import pyarrow.dataset as ds
-
-    out, _, _ = sampled_run
-    files = sorted(str(p) for p in out.glob("*.parquet"))
-    key = ["id", "sample_index"]
-    from_duckdb = duckdb.connect().execute(f"SELECT * FROM read_parquet('{out}/*.parquet')").to_arrow_table()
-    from_polars = pl.read_parquet(files).sort(key)
-    from_pandas = pd.concat([pd.read_parquet(f) for f in files]).sort_values(key).reset_index(drop=True)
-    # manifest.json sits beside the data files: pyarrow.dataset is told to skip what is not Parquet
-    from_dataset = ds.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
-    assert from_duckdb.num_rows == from_polars.height == len(from_pandas) == from_dataset.num_rows
-    assert from_polars.columns == from_dataset.schema.names == list(from_pandas.columns)
-    assert str(from_dataset.schema.field("created_at").type) == "timestamp[us, tz=UTC]"
-    assert from_duckdb.schema.field("prompt_tokens").type == from_dataset.schema.field("prompt_tokens").type
-    expected = from_dataset.sort_by([(k, "ascending") for k in key])
-    assert from_polars["completion"].to_list() == expected.column("completion").to_pylist()
-    assert from_pandas["completion"].tolist() == expected.column("completion").to_pylist()
-    assert sorted(from_duckdb.column("completion").to_pylist(), key=str) == sorted(
-        expected.column("completion").to_pylist(), key=str
-    )
-    assert str(from_pandas["created_at"].dtype) == "datetime64[us, UTC]"
-    assert str(from_pandas["prompt_tokens"].dtype) == "int32"
-
-
 def test_the_report_renders_and_its_numbers_match_duckdb(sampled_run, tmp_path):
     out, _, _ = sampled_run
     result = subprocess.run(
         [sys.executable, "jobs/report.py", f"output.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("report.html", "lengths.png", "finish_reasons.png", "workers.png", "padding.png"):
+    for name in ("report.html", "lengths.svg", "finish_reasons.svg", "throughput.svg", "timeline.svg", "padding.svg"):
         assert (out / "_report" / name).stat().st_size > 1000, name
     page = (out / "_report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # self-contained
+    assert page.count("data:image/svg+xml;base64,") == 5  # self-contained
+    assert "<td>error rows</td><td>0</td>" in page and "settings side by side" in page
     con = duckdb.connect()
     files = f"read_parquet('{out}/*.parquet')"
     rows, tokens = con.execute(f"SELECT count(*), sum(completion_tokens) FROM {files}").fetchone()
@@ -273,6 +249,24 @@ def test_the_report_renders_and_its_numbers_match_duckdb(sampled_run, tmp_path):
     assert f"prompt side {efficiency:.3f}" in result.stdout
     for worker in {r[0] for r in con.execute(f"SELECT DISTINCT worker FROM {files}").fetchall()}:
         assert f"worker {worker}:" in result.stdout
+
+
+def test_every_reader_opens_the_run_directory_as_it_is_with_the_same_rows_and_types(sampled_run):
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    out, _, _ = sampled_run
+    if not (out / "_report").exists():  # the directory as a user has it: report and manifest beside the data
+        subprocess.run([sys.executable, "jobs/report.py", f"output.dir={out}"], cwd=REPO, check=True, timeout=300)
+    assert {"_manifest.json", "_report"} <= {p.name for p in out.iterdir()}
+    found = read_with_every_reader(out)
+    assert len(found["pyarrow.dataset"]) == 2 * len(QUESTIONS)
+    assert all(rows == found["pyarrow.dataset"] for rows in found.values()), {k: len(v) for k, v in found.items()}
+    table = ds.dataset(str(out), format="parquet").to_table()
+    assert str(table.schema.field("created_at").type) == "timestamp[us, tz=UTC]"
+    frame = pd.read_parquet(out)
+    assert str(frame["created_at"].dtype) == "datetime64[us, UTC]" and str(frame["prompt_tokens"].dtype) == "int32"
+    assert list(frame.columns) == table.schema.names == pl.read_parquet(out, use_pyarrow=True).columns
 
 
 def test_report_on_a_directory_without_a_finished_run_says_so(tmp_path):

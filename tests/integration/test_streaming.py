@@ -38,6 +38,7 @@ def test_the_dry_run_plans_a_folder_without_a_model_and_writes_nothing(t0_rows, 
     assert "ShardGenerator" not in result.stderr  # no worker, no model
 
 
+@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
 def test_a_rerun_over_changed_prompts_is_refused_and_overwrite_replaces_the_results(t0_rows, tmp_path):
     folder, out = tmp_path / "prompts", tmp_path / "run"
     rows = split_into_folder(t0_rows, folder)

@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.jobs import read_with_every_reader
 
 POINTS = {0.5, 1.0}
 
@@ -62,6 +63,15 @@ def test_the_whole_sweep_reads_as_one_table_in_duckdb(sweeps):
     assert {r[0] for r in rows} == POINTS and all(r[3] == 8 for r in rows) and all(r[1] == 1.0 for r in rows)
 
 
+def test_every_reader_opens_the_sweep_directory_as_it_is(sweeps):
+    first, _ = sweeps
+    assert (first / "_multirun.yaml").exists() and not (first / "multirun.yaml").exists()
+    assert (first / "0" / "_generate.log").exists() and (first / "0" / ".hydra").is_dir()
+    found = read_with_every_reader(first)
+    assert len(found["pyarrow.dataset"]) == 16 and {r[2] for r in found["pyarrow.dataset"]} == POINTS
+    assert all(rows == found["pyarrow.dataset"] for rows in found.values()), {k: len(v) for k, v in found.items()}
+
+
 def test_the_model_is_loaded_once_for_the_whole_sweep(sweeps):
     first, _ = sweeps
     workers = duckdb.execute(f"SELECT DISTINCT worker FROM read_parquet('{first}/**/*.parquet')").fetchall()
@@ -87,5 +97,5 @@ def test_the_report_over_a_sweep_compares_the_settings(sweeps):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report over 2 run(s), 16 rows" in result.stdout
     assert (first / "_report" / "report.html").exists() and (
-        first / "_report" / "finish_reasons.png"
+        first / "_report" / "finish_reasons.svg"
     ).stat().st_size > 1000

@@ -167,3 +167,39 @@ def test_a_generated_pad_token_does_not_end_the_completion(tiny):
     tokens = engine(tiny, max_new_tokens=6).generate_all(rows)[0].result.tokens
     padded = engine(tiny, max_new_tokens=6, pad_id=tokens[1]).generate_all(rows)[0].result
     assert padded.tokens == tokens and (padded.finish_reason, padded.completion_tokens) == ("length", 6)
+
+
+def test_an_error_in_one_rows_decoding_fails_that_row_only(tiny, monkeypatch):
+    from runner import faults
+    from runner.engine import RowFailedError
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, LENGTHS)
+    clean = engine(tiny, samples=2).generate_all(rows)
+    monkeypatch.setenv(faults.ENV, '{"row_error": ["row-3"]}')
+    faults._faults.cache_clear()
+    try:
+        got = engine(tiny, samples=2).generate_all(rows)
+        assert [(f.key, f.sample_index) for f in got] == [(f.key, f.sample_index) for f in clean]
+        failed = [f for f in got if f.result.finish_reason == "error"]
+        assert {(f.key, f.sample_index) for f in failed} == {(3, 0), (3, 1)}
+        assert all("row 'row-3' failed: InjectedFault" in f.result.error for f in failed)
+        assert [f.result.tokens for f in got if f.key != 3] == [f.result.tokens for f in clean if f.key != 3]
+        strict = engine(tiny, samples=2)
+        strict.on_row_error = "fail"
+        with pytest.raises(RowFailedError, match="row-3"):
+            strict.generate_all(rows)
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults._faults.cache_clear()
+
+
+def test_a_row_can_ask_for_some_of_its_samples_only(tiny):
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, LENGTHS[:3])
+    every = engine(tiny, samples=3, do_sample=True, temperature=1.0).generate_all(rows)
+    rows[1].samples = (2,)
+    some = engine(tiny, samples=3, do_sample=True, temperature=1.0).generate_all(rows)
+    assert [(f.key, f.sample_index) for f in some] == [(0, 0), (0, 1), (0, 2), (1, 2), (2, 0), (2, 1), (2, 2)]
+    wanted = [f.result.tokens for f in every if (f.key, f.sample_index) != (1, 0) and (f.key, f.sample_index) != (1, 1)]
+    assert [f.result.tokens for f in some] == wanted

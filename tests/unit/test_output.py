@@ -154,3 +154,37 @@ def test_manifest_is_atomic_and_redacts_secrets(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["_manifest.json"]
     (tmp_path / "_manifest.json").rename(tmp_path / "manifest.json")  # a directory written by an older version
     assert output.read_manifest(out)["config"]["max_new_tokens"] == 5
+
+
+def test_error_rows_are_found_from_the_footers_then_the_files_that_hold_them(tmp_path):
+    out = output.open_output_dir(str(tmp_path))
+    clean = one_row_table()
+    failed = [dict(clean.to_pylist()[0]) for _ in range(3)]
+    for k, r in enumerate(failed):
+        r.update(id=f"q{k // 2}", sample_index=k % 2, finish_reason="error" if k else "stop")
+    for name, table in (("part-0.parquet", clean), ("part-1.parquet", pa.Table.from_pylist(failed, clean.schema))):
+        totals = json.dumps(output.shard_totals(table)).encode()
+        output.write_shard(out, name, table.replace_schema_metadata({output.META_TOTALS: totals}))
+    assert output.error_rows(out, ["part-0.parquet", "part-1.parquet"]) == {"part-1.parquet": {"q0": [1], "q1": [0]}}
+    assert [t["errors"] for t in output.read_shard_totals(out, ["part-0.parquet", "part-1.parquet"])] == [0, 2]
+
+
+def test_a_write_that_fails_twice_is_tried_again_and_lands_once(tmp_path, monkeypatch, caplog):
+    from runner import faults
+
+    monkeypatch.setenv(faults.ENV, '{"write_error": {"part-7": 2}}')
+    faults._faults.cache_clear()
+    try:
+        out = output.open_output_dir(str(tmp_path))
+        with caplog.at_level("WARNING"):
+            output.write_shard(out, "part-7.parquet", one_row_table(), backoff_s=0.01)
+        assert [p.name for p in tmp_path.iterdir()] == ["part-7.parquet"]
+        assert caplog.text.count("trying again") == 2
+        monkeypatch.setenv(faults.ENV, '{"write_error": {"part-8": 9}}')
+        faults._faults.cache_clear()
+        with pytest.raises(OSError, match="injected write failure 4 of 9"):
+            output.write_shard(out, "part-8.parquet", one_row_table(), backoff_s=0.01)
+        assert [p.name for p in tmp_path.iterdir()] == ["part-7.parquet"]  # no temporary left behind
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults._faults.cache_clear()

@@ -1,14 +1,14 @@
-"""Progress totals: a shard redone after its worker died is not counted twice."""
+"""Progress totals: a shard redone after its worker died is not counted twice: rows, tokens, steps, busy time."""
 
 from __future__ import annotations
 
 from runner.progress import ProgressBar
 
 
-def batch(shard_id: int, rows: int) -> dict:
+def batch(shard_id: int, rows: int, worker: str = "w") -> dict:
     return {
         "event": "batch",
-        "worker": "w",
+        "worker": worker,
         "shard_id": shard_id,
         "batch_id": 0,
         "rows": rows,
@@ -32,3 +32,27 @@ def test_a_retried_shard_counts_its_rows_once():
     totals = bar.close()
     assert totals.rows == 6 and totals.sequences == 6 and totals.retries == 1
     assert bar.rows_done == 6
+
+
+def test_a_retried_shard_leaves_no_trace_of_its_failed_attempt_in_tokens_steps_or_busy_time():
+    bar = ProgressBar(total_rows=4, enabled=False)
+    bar(batch(0, 2, worker="a"))
+    bar(
+        {
+            "event": "shard",
+            "shard_id": 0,
+            "file": "f0",
+            "rows": 2,
+            "errors": 0,
+            "prompt_tokens": 20,
+            "completion_tokens": 10,
+            "run_ids": ["r"],
+        }
+    )
+    bar(batch(1, 1, worker="b"))  # shard 1 fails on worker b after one batch, then runs whole on a
+    bar({"event": "retry", "shard_id": 1, "error": "ValueError: boom"})
+    bar(batch(1, 2, worker="a"))
+    totals = bar.close()
+    assert (totals.rows, totals.prompt_tokens, totals.padded_prompt_tokens) == (4, 40, 48)
+    assert (totals.completion_tokens, totals.generated_steps, totals.batches) == (20, 24, 2)
+    assert totals.busy_s == {"a": 0.2, "b": 0.0}

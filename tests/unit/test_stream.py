@@ -102,7 +102,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, embedded_model_dir):
         list(s.windows())
 
 
-def test_too_long_prompts_are_refused_or_cut_from_the_left(tmp_path, embedded_model_dir):
+def test_too_long_prompts_are_refused_or_cut_from_the_left_of_the_users_text(tmp_path, embedded_model_dir):
+    from runner.model import load_tokenizer
+
     rows = [{"id": "short", "prompt": "short one"}, {"id": "long", "prompt": "word " * 9000}]  # context: 8192
     refuse = make_stream(tmp_path, embedded_model_dir, rows)
     with pytest.raises(ConfigError, match=r"1 prompts are longer than the model's context \(8192 tokens\).*'long'"):
@@ -113,8 +115,12 @@ def test_too_long_prompts_are_refused_or_cut_from_the_left(tmp_path, embedded_mo
     by_id = {r["id"]: r for r in table.to_pylist()}
     assert by_id["short"]["truncated_tokens"] == 0 and by_id["long"]["truncated_tokens"] > 0
     assert len(by_id["long"][TOKENS]) == 8192 - 8
-    # the end of the prompt (the chat template's assistant turn) is what is kept
-    assert by_id["long"][TOKENS][-3:] == by_id["short"][TOKENS][-3:]
+    # the user's text is cut from its left; the chat template's system header and assistant turn stay whole
+    short, long = by_id["short"][TOKENS], by_id["long"][TOKENS]
+    head = len(short) - 2 - 6  # the short row: system header and user role, "short one", the assistant turn
+    assert long[:head] == short[:head] and long[-6:] == short[-6:]
+    tokenizer = load_tokenizer(embedded_model_dir, cut.job.model)
+    assert set(tokenizer.decode(long[head:-6]).split()) == {"word"}  # what is left of the user's text
     assert cut.stats.truncated == 1
 
 

@@ -162,3 +162,35 @@ def test_a_row_that_fails_alone_is_written_as_an_error_or_fails_the_job(tiny_lla
     OutOfMemoryAbove(strict.model, max_rows=0)
     with pytest.raises(RowFailedError, match="out of memory even alone"):
         list(strict.run_shard(oom_task(strict, 4)))
+
+
+def test_redoing_error_rows_rewrites_exactly_those_sequences_in_the_committed_file(tiny_llama_dir, tmp_path):
+    gen = make_generator(tiny_llama_dir, tmp_path, max_new_tokens=6, do_sample=True, num_return_sequences=2)
+    texts = ["a b c d e f g", "hello", "one two three"]
+    args = (3, "part-3.parquet", [(7, 0, 2), (8, 2, 3)], ["x", "y", "z"], texts)
+    input_ids = [gen.tokenizer.encode(t) for t in texts]
+    carry = pa.table({"topic": ["t1", "t2", "t3"]})
+    list(gen.run_shard(shard_task(*args, input_ids, carry)))
+    path = tmp_path / "part-3.parquet"
+    first = pq.read_table(path)
+    # an earlier run's error rows: y's second sample and z's first
+    rows = first.to_pylist()
+    for r in rows:
+        if (r["id"], r["sample_index"]) in {("y", 1), ("z", 0)}:
+            r.update(completion=None, completion_tokens=None, finish_reason="error", error="oom", run_id="old")
+    pq.write_table(pa.Table.from_pylist(rows, schema=first.schema), path)
+
+    gen.setup.run_id = "run-2"
+    gen.configure(gen.setup)
+    task = shard_task(*args, input_ids, carry)
+    task.redo = {"y": [1], "z": [0]}
+    events = list(gen.run_shard(task))
+    assert [e["rows"] for e in events if e["event"] == "batch"] == [0, 0]  # no new rows: two sequences redone
+    assert events[-1]["redone"] == 2 and events[-1]["errors"] == 0
+    after = pq.read_table(path).to_pylist()
+    assert [(r["id"], r["sample_index"]) for r in after] == [(r["id"], r["sample_index"]) for r in rows]
+    for old, new, clean in zip(rows, after, first.to_pylist()):
+        if old["finish_reason"] == "error":  # generated again, from the same per-row random stream
+            assert new["run_id"] == "run-2" and new["completion"] == clean["completion"]
+        else:  # untouched
+            assert new == old
