@@ -23,4 +23,5 @@ def main(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
+    cli.take_submitted_secrets()  # a job sent by jobs/submit.py: its credentials, never on its command line
     main()

@@ -26,6 +26,18 @@ def process_session():
     return _session
 
 
+def take_submitted_secrets() -> None:
+    """In a job sent by `jobs/submit.py`: set its secret environment and add its credential-bearing overrides."""
+    import os
+
+    from runner.submit import submitted_secrets
+
+    secrets = submitted_secrets()
+    for key, value in secrets.get("env", {}).items():
+        os.environ.setdefault(key, value)
+    sys.argv.extend(secrets.get("overrides", []))
+
+
 def generate(cfg: Any) -> int:
     """Run the generation job described by a Hydra config; print the summary and a few completions.
 

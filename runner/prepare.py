@@ -66,6 +66,9 @@ class ChunkPreparer:
 
     def __init__(self, spec: PrepareSpec, background: bool = False):
         """Args: background: run only on CPU time that workers leave idle (an actor beside CPU workers)."""
+        from runner.submit import apply_submitted_env
+
+        apply_submitted_env()  # a submitted job's credentials for reading its input, if any
         self.spec = spec
         self.background = background
         self._tokenizer: Any = None

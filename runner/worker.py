@@ -160,6 +160,9 @@ class ShardGenerator:
         import torch
 
         from runner import model as model_lib
+        from runner.submit import apply_submitted_env
+
+        apply_submitted_env()  # a submitted job's credentials (object storage, the Hub), if any
 
         if threads:
             torch.set_num_threads(threads)

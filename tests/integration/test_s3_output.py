@@ -12,34 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.conftest import CREDENTIALS
 from tests.integration.jobs import expected_ids, job_args
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "runner-test-key",
-    "AWS_SECRET_ACCESS_KEY": "runner-test-secret-42",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"{host}:{port}"
-    fs = pafs.S3FileSystem(
-        endpoint_override=endpoint,
-        scheme="http",
-        region="us-east-1",
-        access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        allow_bucket_creation=True,
-    )
-    fs.create_dir("runner-test")
-    yield endpoint, fs
-    server.stop()
 
 
 def run(prompts, uri):

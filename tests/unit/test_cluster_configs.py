@@ -67,3 +67,29 @@ def test_the_loopback_sitecustomize_still_loads_the_environments_own(tmp_path):
     code = "import os, sitecustomize; print(os.environ.get('THEIRS_LOADED'), sitecustomize.__file__)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["yes", str(REPO / "cluster" / "loopback" / "sitecustomize.py")]
+
+
+def test_the_submit_wrapper_keeps_credentials_out_of_the_command_and_the_job_variables(tmp_path, monkeypatch):
+    import json
+
+    from runner import submit
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    overrides = ["dataset.path='s3://AK:sk@b/p?endpoint_override=h:9000'", "output.dir=s3://b/o", "generation.seed=3"]
+    shown, secret = submit.split_secret_overrides(overrides)
+    assert shown == ["output.dir=s3://b/o", "generation.seed=3"] and secret == [overrides[0]]
+    package = submit.secrets_package(secret, tmp_path)
+    runtime = submit.runtime_env(package)
+    visible = json.dumps(runtime) + submit.entrypoint(shown)
+    assert "hunter2" not in visible and "sk@" not in visible
+    assert runtime["env_vars"]["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert runtime["py_modules"] == [str(package)] and (package / "secrets.json").stat().st_mode & 0o077 == 0
+    monkeypatch.setenv(submit.SECRETS_MODULE_ENV, package.name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert submit.submitted_secrets() == {"env": {"AWS_SECRET_ACCESS_KEY": "hunter2"}, "overrides": [overrides[0]]}
+    submit.apply_submitted_env()
+    import os
+
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "hunter2"
