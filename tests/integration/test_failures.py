@@ -18,7 +18,7 @@ from tests.conftest import REPO
 from tests.integration.jobs import ROWS, assert_complete, expected_ids, job_args, wait_for_files
 
 
-def test_driver_killed_mid_run_then_the_same_command_finishes_the_job(prompts, tmp_path):
+def test_driver_killed_mid_run_and_a_file_cut_by_power_loss_then_the_same_command_finishes_the_job(prompts, tmp_path):
     out = tmp_path / "run"
     args = job_args(prompts, out, "cluster.num_workers=1")
     proc = subprocess.Popen(
@@ -27,14 +27,19 @@ def test_driver_killed_mid_run_then_the_same_command_finishes_the_job(prompts, t
     wait_for_files(out, 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
     proc.wait()
-    done_before = {p.name for p in out.glob("*.parquet")}
+    done_before = sorted(p.name for p in out.glob("*.parquet"))
     assert 2 <= len(done_before) < ROWS // 3 and not (out / "_manifest.json").exists()
+    assert (out / "_lease.json").exists()  # the dead driver's lease stays behind
+    # a power loss right after a rename: the name reached the disk, the data did not
+    (out / done_before[0]).write_bytes(b"")
 
     rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "from an earlier run" in rerun.stdout
+    log = rerun.stdout + rerun.stderr
+    assert "from an earlier run" in rerun.stdout and "taking over" in log and "of this host is gone" in log
+    assert f"{done_before[0]} is damaged (0 bytes): removing it" in log
     assert_complete(out, expected_ids(prompts))
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.name.startswith("_lease")]
 
 
 @pytest.mark.slow  # keeps make test under 15 minutes (the hung-worker kill and the node loss stay in it)
