@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from runner import __version__, output, sources
+from runner import __version__, output, resume, sources
 from runner import lease as lease_lib
 from runner.config import ConfigError, JobConfig, JobFailedError, as_dict, config_hash, validate
 from runner.prepare import TOKENS, PrepareSpec
@@ -112,13 +112,13 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
     try:
         st = start(job)
         lease = lease_lib.acquire(st.out, st.run_id, job.output.lease_timeout_s)  # before touching any file
-        existing = output.scan_existing(st.out, st.config_hash, job.output.overwrite)
+        existing = resume.scan_existing(st.out, st.config_hash, job.output.overwrite)
         if existing.files:
             log.warning(
                 "resuming: %d shard files already in %s are kept and skipped", len(existing.files), st.out.display
             )
         if job.output.retry_errors and existing.files:
-            existing.redo = output.error_rows(st.out, sorted(existing.files))
+            existing.redo = resume.error_rows(st.out, sorted(existing.files))
             count = sum(len(k) for rows in existing.redo.values() for k in rows.values())
             log.warning("retry_errors: %d error rows in %d files will be generated again", count, len(existing.redo))
         session.connect(job.cluster)
@@ -213,7 +213,7 @@ def commit_manifest(
             title="output.dir holds results of different input",
         )
     earlier = [n for n in expected if n not in written]
-    per_file = dict(written) | dict(zip(earlier, output.read_shard_totals(out, earlier)))
+    per_file = dict(written) | dict(zip(earlier, resume.read_shard_totals(out, earlier)))
     samples = st.job.generation.num_return_sequences
     wrong = [n for n, rows in expected.items() if per_file[n]["rows"] != rows * samples]
     if wrong:

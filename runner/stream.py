@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runner import output, plan, sources
+from runner import output, plan, resume, sources
 from runner.config import ConfigError, JobConfig
 from runner.prepare import ChunkMeta, ChunkPreparer, PrepareSpec
 from runner.secrets import redact
@@ -88,7 +88,7 @@ class JobStream:
         job: JobConfig,
         spec: PrepareSpec,
         config_hash: str,
-        existing: output.Existing | None,
+        existing: resume.Existing | None,
         cached: list[tuple[ChunkMeta, Any]] | None = None,
         keep_lengths: bool = False,
         use_ray: bool = True,

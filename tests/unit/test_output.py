@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner import output
+from runner import output, resume
 from runner.config import ConfigError
 
 DESIGN_COLUMNS = {
@@ -99,14 +99,14 @@ def test_existing_results_of_another_config_are_refused_unless_overwrite(tmp_pat
     output.write_shard(out, name, one_row_table("old", "p"))
     (tmp_path / f".{name}.tmp-dead").write_bytes(b"a dead run's half-written file")
     with pytest.raises(ConfigError, match="config hash mismatch.*output.overwrite=true"):
-        output.scan_existing(out, "new", overwrite=False)
-    existing = output.scan_existing(out, "old", overwrite=False)
+        resume.scan_existing(out, "new", overwrite=False)
+    existing = resume.scan_existing(out, "old", overwrite=False)
     assert existing.files.keys() == {name} and existing.committed(0, name) and not existing.committed(1, "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # temporaries of dead runs are gone
     # the same shard number planned over other rows: the input changed since that run
     with pytest.raises(ConfigError, match="shard 0 for other input rows.*output.overwrite=true"):
         existing.committed(0, output.shard_file_name(0, "cd" * 8))
-    existing = output.scan_existing(out, "new", overwrite=True)
+    existing = resume.scan_existing(out, "new", overwrite=True)
     assert existing.files == {} and output.list_data_files(out) == []
 
 
@@ -120,7 +120,7 @@ def test_files_cut_short_by_a_power_loss_are_reported_and_their_shards_redone(tm
     whole = (tmp_path / names[1]).read_bytes()
     (tmp_path / names[1]).write_bytes(whole[: len(whole) // 2])  # half of it
     with caplog.at_level("WARNING"):
-        existing = output.scan_existing(out, "old", overwrite=False)
+        existing = resume.scan_existing(out, "old", overwrite=False)
     assert existing.files.keys() == {names[2]}
     assert not existing.committed(0, names[0]) and not existing.committed(1, names[1])  # generated again
     assert sorted(p.name for p in tmp_path.iterdir()) == [names[2]]
@@ -133,7 +133,7 @@ def test_files_of_an_older_layout_are_not_mixed_with_new_ones(tmp_path):
     out = output.open_output_dir(str(tmp_path))
     output.write_shard(out, "part-00000-of-00001-abcd1234.parquet", one_row_table("old", "p"))
     with pytest.raises(ConfigError, match="did not plan.*part-00000-of-00001"):
-        output.scan_existing(out, "old", overwrite=False)
+        resume.scan_existing(out, "old", overwrite=False)
 
 
 def test_unwritable_output_dir_is_a_config_error(tmp_path):
@@ -165,8 +165,8 @@ def test_error_rows_are_found_from_the_footers_then_the_files_that_hold_them(tmp
     for name, table in (("part-0.parquet", clean), ("part-1.parquet", pa.Table.from_pylist(failed, clean.schema))):
         totals = json.dumps(output.shard_totals(table)).encode()
         output.write_shard(out, name, table.replace_schema_metadata({output.META_TOTALS: totals}))
-    assert output.error_rows(out, ["part-0.parquet", "part-1.parquet"]) == {"part-1.parquet": {"q0": [1], "q1": [0]}}
-    assert [t["errors"] for t in output.read_shard_totals(out, ["part-0.parquet", "part-1.parquet"])] == [0, 2]
+    assert resume.error_rows(out, ["part-0.parquet", "part-1.parquet"]) == {"part-1.parquet": {"q0": [1], "q1": [0]}}
+    assert [t["errors"] for t in resume.read_shard_totals(out, ["part-0.parquet", "part-1.parquet"])] == [0, 2]
 
 
 def test_a_write_that_fails_twice_is_tried_again_and_lands_once(tmp_path, monkeypatch, caplog):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runner import output, stream
+from runner import output, resume, stream
 from runner.config import ConfigError, DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
 from runner.prepare import TOKENS, PrepareSpec
 from tests.conftest import write_jsonl
@@ -69,7 +69,7 @@ def test_committed_shards_are_skipped_and_changed_ones_refused(tmp_path, embedde
     first = make_stream(tmp_path, embedded_model_dir, rows)
     planned = [t for tasks in first.windows() for t in tasks]
     done = {planned[0].file_name: 1}
-    existing = output.Existing(done, {planned[0].shard_id: planned[0].file_name})
+    existing = resume.Existing(done, {planned[0].shard_id: planned[0].file_name})
     resumed = make_stream(tmp_path, embedded_model_dir, rows, existing=existing)
     left = [t.file_name for tasks in resumed.windows() for t in tasks]
     assert sorted(left) == sorted(t.file_name for t in planned[1:])
