@@ -90,10 +90,10 @@ def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tupl
     """Render the chosen prompts with the chat template once; every system gets these exact texts."""
     from bench import figures as bench
 
-    from runner import model as model_lib
     from runner.config import ModelConfig
+    from runner.input import load_tokenizer
 
-    tokenizer = model_lib.load_tokenizer(model_path, ModelConfig(name_or_path=model_path))
+    tokenizer = load_tokenizer(model_path, ModelConfig(name_or_path=model_path))
     with open(args.prompts, encoding="utf-8") as f:  # not splitlines(): prompts may hold U+2028
         rows = [json.loads(line) for line in f if line.strip()]
     if args.workload == "long":  # a chat request after every T0 prompt
@@ -158,12 +158,12 @@ def main() -> int:
     args = parse_args()
     from bench import figures as bench
 
-    from runner import model as model_lib
+    from runner.input import quiet_transformers, resolve_model_path
 
-    model_lib.quiet_transformers()
+    quiet_transformers()
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model_path = model_lib.resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model)
     ids, texts, lengths = write_workload(args, model_path, out)
     workload = {
         "workload": args.workload,

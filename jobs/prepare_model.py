@@ -6,7 +6,7 @@ Usage:
 
 import sys
 
-from runner.model import prepare_embedded_model
+from runner.input import prepare_embedded_model
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "SmolLM2-135M-Instruct"

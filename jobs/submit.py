@@ -15,7 +15,7 @@ was stopped, 2 for bad arguments.
 import argparse
 import sys
 
-from runner.submit import submit_and_follow
+from runner.cluster import submit_and_follow
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

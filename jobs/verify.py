@@ -13,7 +13,7 @@ the directory (rerun with output.retry_errors=true to generate them again).
 import sys
 
 from runner.secrets import mask_text
-from runner.verify import verify_run
+from runner.store import verify_run
 
 
 def main(argv: list[str]) -> int:

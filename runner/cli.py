@@ -6,7 +6,8 @@ import logging
 import sys
 from typing import Any
 
-from runner.config import ConfigError, JobFailedError, to_job_config
+from runner.config import to_job_config
+from runner.errors import ConfigError, JobFailedError
 
 log = logging.getLogger("runner")
 EXAMPLES = 3
@@ -19,7 +20,7 @@ def process_session():
     if _session is None:
         import atexit
 
-        from runner.session import Session
+        from runner.cluster import Session
 
         _session = Session()
         atexit.register(_session.close)
@@ -30,7 +31,7 @@ def take_submitted_secrets() -> None:
     """In a job sent by `jobs/submit.py`: set its secret environment and add its credential-bearing overrides."""
     import os
 
-    from runner.submit import submitted_secrets
+    from runner.secrets import submitted_secrets
 
     secrets = submitted_secrets()
     for key, value in secrets.get("env", {}).items():
@@ -44,7 +45,7 @@ def generate(cfg: Any) -> int:
     Returns:
         0 on success; exits with 2 on bad config or input (the message names every problem).
     """
-    from runner.job import run_job
+    from runner.driver import run_job
     from runner.secrets import mask_text
 
     try:
@@ -65,7 +66,7 @@ def generate(cfg: Any) -> int:
 
 def plan(cfg: Any, compare_global: bool = False) -> int:
     """Dry run: print the plan of the job a Hydra config describes. Exits with 2 on bad config or input."""
-    from runner.dryrun import dry_run
+    from runner.driver import dry_run
 
     try:
         report = dry_run(to_job_config(cfg), compare_global)
@@ -78,10 +79,10 @@ def plan(cfg: Any, compare_global: bool = False) -> int:
 
 def print_examples(output_dir: str, count: int = EXAMPLES) -> None:
     """Show the first few completions (by id) so a user sees real output at once."""
-    from runner import output
+    from runner import store
 
-    out = output.open_output_dir(output_dir)
-    files = output.list_data_files(out)
+    out = store.open_output_dir(output_dir)
+    files = store.list_data_files(out)
     if not files:
         return
     import pyarrow as pa

@@ -17,28 +17,14 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from runner.errors import ConfigError
+
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 TOO_LONG = ("refuse", "truncate_left")
 ON_ROW_ERROR = ("write", "fail")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CHAT_TEMPLATE_MODES = ("auto", "none")
 EMBEDDED_PREFIX = "embedded:"
-
-
-class ConfigError(ValueError):
-    """A job config or its input is wrong; the message lists every problem and its fix."""
-
-    def __init__(self, problems: list[str], title: str = "invalid job config"):
-        self.problems = list(problems)
-        self.title = title
-        lines = [f"{title} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):"]
-        lines += [f"  - {p}" for p in self.problems]
-        super().__init__("\n".join(lines))
-
-
-class JobFailedError(RuntimeError):
-    """The job could not finish (workers kept failing, no resources, the output taken over); committed
-    shards stay, and the message says what happened and what to do."""
 
 
 @dataclass

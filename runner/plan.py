@@ -186,8 +186,8 @@ def schedule_order(plan: Plan) -> list[Shard]:
     return sorted(plan.shards, key=lambda s: (-shard_cost(s, plan), s.shard_id))
 
 
-def padding_efficiency(plan: Plan, lengths: Sequence[int], step_cost_tokens: int | None = None) -> float:
-    """Real prompt tokens / padded prompt tokens over the whole plan (1.0 = no padding).
+def prompt_tokens_read(plan: Plan, lengths: Sequence[int], step_cost_tokens: int | None = None) -> tuple[int, int]:
+    """(real, padded) prompt tokens over the whole plan.
 
     With `step_cost_tokens`, each batch's prompts count as read in their prefill groups
     (what the worker does); without, as one piece padded to the batch's longest prompt.
@@ -202,6 +202,12 @@ def padding_efficiency(plan: Plan, lengths: Sequence[int], step_cost_tokens: int
             else:
                 groups = prefill_groups(widths, step_cost_tokens)
                 padded += sum(len(g) * max(widths[r] for r in g) for g in groups)
+    return real, padded
+
+
+def padding_efficiency(plan: Plan, lengths: Sequence[int], step_cost_tokens: int | None = None) -> float:
+    """Real prompt tokens / padded prompt tokens over the whole plan (1.0 = no padding); see `prompt_tokens_read`."""
+    real, padded = prompt_tokens_read(plan, lengths, step_cost_tokens)
     return real / padded if padded else 1.0
 
 

@@ -3,16 +3,22 @@
 A URI may carry credentials in two places: its user part (`s3://key:secret@bucket/...`)
 and its query (`?secret_key=...`, `?token=...`). Config keys may be secret by name
 (`hf_token`, `api_key`). What is shown or stored gets `***` in their place; the real
-values stay in memory only, where the job needs them.
+values stay in memory only, where the job needs them. A job sent with `jobs/submit.py`
+carries its secrets in a package of its own (`runner.cluster.submit` makes it); its driver,
+preparers and workers read them here.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+SECRETS_MODULE_ENV = "RUNNER_SECRETS_MODULE"  # the name of a submitted job's secrets package (not a secret)
+SECRETS_FILE = "secrets.json"
 # "hf_token", "api_key", "secret_key" are secrets; "max_new_tokens" is not.
 SECRET_KEY = re.compile(
     r"(^|[_.-])token$|secret|passw|api_?key|access_?key|credential|auth|signature|^sig$", re.IGNORECASE
@@ -66,3 +72,20 @@ def mask_files(paths: list[Path]) -> None:
             tmp = path.with_name(path.name + ".masking")
             tmp.write_text(masked)
             tmp.replace(path)
+
+
+def submitted_secrets() -> dict:
+    """In a submitted job (driver or worker): the secrets `jobs/submit.py` shipped with it, else {}."""
+    name = os.environ.get(SECRETS_MODULE_ENV)
+    if not name:
+        return {}
+    import importlib
+
+    module = importlib.import_module(name)
+    return json.loads((Path(module.__file__).parent / SECRETS_FILE).read_text())
+
+
+def apply_submitted_env() -> None:
+    """Set the submitted job's secret environment variables in this process (credentials for S3, the Hub)."""
+    for key, value in submitted_secrets().get("env", {}).items():
+        os.environ.setdefault(key, value)

@@ -15,7 +15,7 @@ T0_MIX = Path(os.environ.get("RUNNER_T0_DATA", REPO.parent / "shared" / "data" /
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
     """The embedded SmolLM2-135M-Instruct, converted once into the local cache."""
-    from runner.model import prepare_embedded_model
+    from runner.input import prepare_embedded_model
 
     return str(prepare_embedded_model("SmolLM2-135M-Instruct"))
 

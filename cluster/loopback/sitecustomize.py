@@ -5,7 +5,7 @@ process starts or joins a node (`ray start`, and `ray.init` inside Ray's own
 dashboard agent, job supervisor and job drivers). cluster/local.sh puts this
 folder on PYTHONPATH and sets RUNNER_RAY_LOOPBACK=1 for the nodes it starts, so
 that all of them keep 127.0.0.1 and every server of the cluster listens on
-loopback only. Other machines' addresses are never touched. See runner/raynet.py.
+loopback only. Other machines' addresses are never touched. See runner/cluster/connect.py.
 
 Python loads only the first `sitecustomize` on its path: this one then loads the next one
 there (the environment's own, if it has one), so putting this folder first hides nothing.

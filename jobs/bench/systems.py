@@ -22,11 +22,12 @@ JOBS = Path(__file__).resolve().parents[1]  # jobs/: where `bench` is importable
 
 def load(model_path: str, quantization: str) -> tuple[Any, Any]:
     """Tokenizer (left padding) and model, as the runner's workers load them."""
-    from runner import model as model_lib
+    from runner.generation import load_model, pick_device
+    from runner.input import load_tokenizer
 
     config = ModelConfig(name_or_path=model_path, quantization=quantization)
-    tokenizer = model_lib.load_tokenizer(model_path, config)
-    return tokenizer, model_lib.load_model(model_path, config, model_lib.pick_device())
+    tokenizer = load_tokenizer(model_path, config)
+    return tokenizer, load_model(model_path, config, pick_device())
 
 
 class GenerateRecorder:
@@ -217,7 +218,7 @@ def ray_data(
     import pyarrow.parquet as pq
     import ray
 
-    from runner.raynet import keep_loopback_addresses
+    from runner.cluster import keep_loopback_addresses
 
     shutil.rmtree(out_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -292,7 +293,7 @@ def runner_job(
     from hydra import compose, initialize_config_dir
 
     from runner.config import register_configs, to_job_config
-    from runner.job import run_job
+    from runner.driver import run_job
 
     register_configs()
     conf = JOBS.parent / "conf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from runner.verify import verify_run
+from runner.store import verify_run
 
 ROWS = 24
 

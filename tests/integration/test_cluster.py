@@ -130,7 +130,7 @@ def test_a_local_run_listens_on_loopback_only_and_offers_no_job_api(tmp_path):
 import json, os, sys, time, psutil, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from runner.config import ClusterConfig
-from runner.scheduler import connect
+from runner.cluster import connect
 connect(ClusterConfig())
 time.sleep(5)  # every server of the cluster is up and listening
 me = psutil.Process(os.getpid())

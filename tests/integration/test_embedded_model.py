@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.model import COMPLETE_MARKER, is_complete_model_dir
+from runner.input import COMPLETE_MARKER, is_complete_model_dir
 
-PREPARE = "from runner.model import prepare_embedded_model as p; print('READY', p('SmolLM2-135M-Instruct'))"
+PREPARE = "from runner.input import prepare_embedded_model as p; print('READY', p('SmolLM2-135M-Instruct'))"
 
 
 def start(cache: Path) -> subprocess.Popen:

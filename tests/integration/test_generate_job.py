@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, write_jsonl
 from tests.integration.jobs import read_with_every_reader
-from tests.unit.test_output import DESIGN_COLUMNS
+from tests.unit.store.test_output import DESIGN_COLUMNS
 
 QUESTIONS = [
     "What is the boiling point of water at sea level?",

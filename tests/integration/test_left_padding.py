@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.unit.test_worker import make_generator
+from tests.unit.generation.test_worker import make_generator
 
 PROMPTS = 20
 MAX_PROMPT_TOKENS = 500
@@ -67,7 +67,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     lengths = [len(p) for p in prompts]
     assert max(lengths) > 10 * min(lengths)  # very different lengths, so padding is real
 
-    from runner.engine import Row
+    from runner.generation.engine import Row
 
     rows = [Row(r, str(chosen[r]), prompts[r]) for r in np.argsort(lengths, kind="stable")]  # plan order
     gen.limits.max_sequences = 7

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from runner.config import ConfigError, config_hash, register_configs, to_job_config, validate
+from runner.config import config_hash, register_configs, to_job_config, validate
+from runner.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 register_configs()
@@ -88,12 +87,3 @@ def test_config_hash_ignores_where_and_on_which_cluster():
     c = compose_job("generation.max_new_tokens=7")
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
-
-
-def test_importing_config_data_plan_output_pulls_in_no_torch():
-    code = (
-        "import sys; import runner.config, runner.data, runner.plan, runner.output, runner.job; "
-        "print('torch' in sys.modules, 'ray' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False False"

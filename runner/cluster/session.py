@@ -1,0 +1,89 @@
+"""What one process keeps between the jobs it runs: Ray, a pool of loaded workers, prepared input.
+
+A Hydra sweep (`-m`) runs the job once per point in the same process. With one
+session for the whole sweep, the model is loaded once per worker, and an input
+that fits one sort window is read and tokenized once (its prepared chunks stay in
+the object store) when only generation settings change between points.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from runner.cluster.connect import connect
+from runner.cluster.pool import WorkerPool, plan_workers
+from runner.config import JobConfig
+from runner.tasks import WorkerSetup
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+class Session:
+    def __init__(self) -> None:
+        self.started_ray = False
+        self.pool: WorkerPool | None = None
+        self._pool_key: str | None = None
+        self._input_key: str | None = None
+        self._input: list[Any] | None = None  # [(ChunkMeta, object ref of the prepared rows)]
+        self.pools_started = 0
+        self.inputs_prepared = 0
+
+    def connect(self, cluster: Any) -> None:
+        """Start (or join) Ray once for every job of this process."""
+        if not self.started_ray:
+            self.started_ray = connect(cluster)
+
+    def cached_chunks(self, job: JobConfig) -> list[Any] | None:
+        """The prepared chunks of this job's input, when an earlier job of this process prepared it."""
+        if self._input_key == self._input_key_for(job):
+            return self._input
+        self.inputs_prepared += 1
+        return None
+
+    def keep_chunks(self, job: JobConfig, chunks: list[Any]) -> None:
+        # Only the latest input is kept: a sweep over datasets should not hold them all.
+        self._input_key, self._input = self._input_key_for(job), chunks
+
+    @staticmethod
+    def _input_key_for(job: JobConfig) -> str:
+        # What preparing a row depends on: the input, the model (tokenizer, template) and the room left in the
+        # context for generation (too-long prompts are refused or cut against it).
+        # The chunks are cut to the sort window, so a sweep over it prepares again.
+        return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
+
+    def workers(self, job: JobConfig, setup: WorkerSetup, num_tasks: int | None) -> WorkerPool:
+        """A pool of workers holding this job's model: the previous job's when it is the same model."""
+        self.connect(job.cluster)
+        key = _key(asdict(job.model), setup.model_path, asdict(job.cluster))
+        if self.pool is not None and self._pool_key != key:
+            self.pool.close()
+            self.pool = None
+        if self.pool is None:
+            self.pool, self._pool_key = WorkerPool(setup, plan_workers(job.cluster, num_tasks)), key
+            self.pools_started += 1
+        return self.pool
+
+    def drop_workers(self) -> None:
+        """Kill the pool's workers (a job failed mid-run): nothing it was running goes on into the next job."""
+        import ray
+
+        if self.pool is not None and ray.is_initialized():
+            self.pool.close()
+        self.pool = self._pool_key = None
+
+    def close(self) -> None:
+        import ray
+
+        # At interpreter exit Ray's own exit hook may have shut it down already; any Ray call
+        # would then start (or join) a cluster again, so only a live Ray is touched.
+        if self.pool is not None and ray.is_initialized():
+            self.pool.close()
+        self.pool = None
+        self._input = self._input_key = None
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+        self.started_ray = False

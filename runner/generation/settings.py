@@ -1,0 +1,65 @@
+"""The job's generation settings on a worker: the GenerationConfig it decodes with, and the columns it fixes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runner.config import JobConfig
+from runner.generation.sampling import SAMPLING_DEFAULTS
+from runner.tasks import WorkerSetup
+
+
+def build_generation_config(model_defaults: Any, job: JobConfig, tokenizer: Any) -> Any:
+    """The job's generation settings over the model's own defaults; max_new_tokens always explicit."""
+    import copy
+
+    gen = job.generation
+    config = copy.deepcopy(model_defaults)
+    settings: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens,
+        "do_sample": gen.do_sample,
+        "num_return_sequences": gen.num_return_sequences,
+        "max_length": None,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if gen.do_sample:
+        settings.update({k: getattr(gen, k) for k in ("temperature", "top_p", "top_k") if getattr(gen, k) is not None})
+    else:  # sampling knobs do nothing in greedy decoding; unset them so nothing warns or misleads
+        settings.update({"temperature": None, "top_p": None, "top_k": None})
+    if gen.repetition_penalty is not None:
+        settings["repetition_penalty"] = gen.repetition_penalty
+    if gen.stop_strings:
+        settings["stop_strings"] = list(gen.stop_strings)
+    if config.eos_token_id is None:
+        settings["eos_token_id"] = tokenizer.eos_token_id
+    config.update(**settings)
+    return config
+
+
+def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name: str) -> dict[str, Any]:
+    """Columns that hold the same value for every row a worker writes in this job."""
+    gen = setup.job.generation
+    sampled = {
+        k: (getattr(generation_config, k) if getattr(generation_config, k) is not None else default)
+        for k, default in SAMPLING_DEFAULTS.items()
+    }
+    config_json = json.dumps(
+        {k: v for k, v in generation_config.to_dict().items() if v is not None}, sort_keys=True, default=str
+    )
+    return {
+        "model": setup.job.model.name_or_path,
+        "quantization": setup.job.model.quantization,
+        "temperature": sampled["temperature"] if gen.do_sample else None,
+        "top_p": sampled["top_p"] if gen.do_sample else None,
+        "top_k": sampled["top_k"] if gen.do_sample else None,
+        "repetition_penalty": sampled["repetition_penalty"],
+        "do_sample": gen.do_sample,
+        "max_new_tokens": gen.max_new_tokens,
+        "seed": gen.seed,
+        "generation_config": config_json,
+        "run_id": setup.run_id,
+        "config_hash": setup.config_hash,
+        "worker": name,
+        "device": device,
+    }

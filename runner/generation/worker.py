@@ -1,0 +1,186 @@
+"""The generation worker: holds one model, turns a shard into one Parquet file.
+
+`ShardGenerator` is plain Python: the pool (`runner.cluster`) wraps it as a Ray actor, and
+benchmarks or a GPU check can drive it without Ray. `__init__` loads the model once;
+`run_shard` hands the shard's rows to the engine (`runner.generation.engine`: continuous
+batching), yields a `BatchDone` as each planned batch's rows have all ended and a
+`ShardDone` once the shard's file is committed. Importing this module imports no torch:
+the pool on the driver names the class without loading the model code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from runner import faults, store
+from runner.generation import shard_rows
+from runner.generation.settings import build_generation_config, static_columns
+from runner.input import TOKENS
+from runner.secrets import apply_submitted_env
+from runner.tasks import BatchDone, ShardDone, ShardTask, ShardTotals, WorkerSetup
+
+log = logging.getLogger(__name__)
+
+
+def worker_name(index: int) -> str:
+    """host:node/wN-pid under Ray, host/wN-pid without it: which machine and which process."""
+    host = socket.gethostname()
+    process = f"w{index}-{os.getpid()}"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host}:{ray.get_runtime_context().get_node_id()[:8]}/{process}"
+    except ImportError:
+        pass
+    return f"{host}/{process}"
+
+
+def gather(task: ShardTask, carry_schema: pa.Schema) -> pa.Table:
+    """The shard's prepared rows in generation order, fetched from the object store where they are refs."""
+    parts = list(task.parts)
+    refs = [i for i, p in enumerate(parts) if not isinstance(p, pa.Table)]
+    if refs:
+        import ray
+
+        for i, table in zip(refs, ray.get([parts[i] for i in refs])):
+            parts[i] = table
+    return shard_rows.in_generation_order(parts, task.take, carry_schema)
+
+
+class ShardGenerator:
+    """Loads the model once and generates shards with it."""
+
+    def __init__(self, setup: WorkerSetup, index: int = 0, threads: int | None = None):
+        import torch
+
+        from runner import input as input_lib
+        from runner.generation import budget
+        from runner.generation import model as model_lib
+        from runner.generation.engine import Limits
+
+        apply_submitted_env()  # a submitted job's credentials (object storage, the Hub), if any
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = worker_name(index)
+        self.device = model_lib.pick_device()
+        path = input_lib.resolve_model_path(setup.model_path)
+        self.tokenizer = input_lib.load_tokenizer(path, setup.job.model)
+        self.model = model_lib.load_model(path, setup.job.model, self.device)
+        free, shape = model_lib.free_memory_bytes(self.device, threads), model_lib.model_shape(self.model)
+        # What the running set may hold when the job sets no batching.max_batch_tokens; the engine
+        # lowers it for good after an out-of-memory error (Limits.learned), across shards and sweep points.
+        self.memory_budget = budget.token_budget(free, shape)
+        self.memory_budget_note = budget.describe(free, shape)
+        self.limits = Limits(max_sequences=1)
+        self.setup = setup
+        self.configure(setup)
+
+    def configure(self, setup: WorkerSetup) -> None:
+        """Take the settings of the next job (a sweep point) without reloading the model."""
+        from runner.generation.engine import Engine
+        from runner.generation.sampling import Decoding, unsupported_settings
+
+        if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
+            raise ValueError("configure() cannot change the model; start a new worker for another model")
+        self.setup = setup
+        job = setup.job
+        self.generation_config = build_generation_config(self.model.generation_config, job, self.tokenizer)
+        b = job.batching
+        self.limits.max_sequences = b.max_batch_size * job.generation.num_return_sequences
+        self.limits.max_tokens = b.max_batch_tokens if b.max_batch_tokens is not None else self.memory_budget
+        self.limits.step_cost_tokens = b.step_cost_tokens
+        decoding = Decoding.from_generation_config(
+            self.generation_config, job.generation.seed, job.generation.stop_strings
+        )
+        ignored = unsupported_settings(self.generation_config)
+        if ignored:  # from the model's own generation_config.json: the engine does not apply them
+            log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, ignored)
+        self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error)
+        self.out = store.open_output_dir(job.output.dir)
+        self.schema = store.output_schema(setup.carry_schema, setup.file_metadata)
+        self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
+
+    def ready(self) -> dict[str, Any]:
+        return {"worker": self.name, "device": self.device, "token_budget": self.memory_budget_note}
+
+    def run_shard(self, task: ShardTask) -> Iterator[BatchDone | ShardDone]:
+        """Generate every row of `task` through the engine, write its file, and report progress as it goes.
+
+        Rows enter the engine in plan order; a `BatchDone` follows each planned batch once
+        all its sequences have ended. The file holds the rows in plan order, samples in order.
+        A task with `redo` (output.retry_errors) generates only those sequences again and
+        writes them over their error rows in the committed file; every other row stays as it was.
+        """
+        faults.on_shard(task.shard_id, task.attempt)
+        started_at = time.time()
+        rows = gather(task, self.setup.carry_schema)
+        ids = rows.column("id").to_pylist()
+        samples = shard_rows.wanted(ids, self.setup.job.generation.num_return_sequences, task.redo)
+        batch_of = shard_rows.tallies(task, samples)
+        done: dict[tuple[int, int], Any] = {}
+        yield from self._generate(task, ids, rows.column(TOKENS).to_pylist(), samples, batch_of, done)
+        table = shard_rows.shard_table(
+            task, rows, samples, batch_of, done, self.static_columns, self.schema, self.setup.carry_schema.names
+        )
+        totals = self._commit(task, table, ids)
+        yield ShardDone(
+            worker=self.name,
+            shard_id=task.shard_id,
+            file=task.file_name,
+            totals=totals,
+            redone=sum(len(s) for s in samples.values()) if task.redo else 0,
+            generated_steps=sum(f.steps for f in done.values()),
+            started_at=started_at,
+            ended_at=time.time(),
+        )
+
+    def _generate(
+        self,
+        task: ShardTask,
+        ids: list[str],
+        input_ids: list[list[int]],
+        samples: dict[int, tuple[int, ...]],
+        batch_of: dict[int, shard_rows.BatchTally],
+        done: dict[tuple[int, int], Any],
+    ) -> Iterator[BatchDone]:
+        """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
+        from runner.generation.engine import Row
+
+        oom_seen, last_event = self.engine.oom_events, time.perf_counter()
+        engine_rows = [Row(r, ids[r], input_ids[r], k) for r, k in samples.items()]
+        for f in self.engine.generate(engine_rows):
+            now = time.perf_counter()
+            done[(f.key, f.sample_index)] = f
+            tally = batch_of[f.key]
+            tally.add(f, len(input_ids[f.key]), now)
+            if not tally.complete:
+                continue
+            yield tally.event(self.name, task.shard_id, now - last_event, self.engine.oom_events - oom_seen)
+            oom_seen, last_event = self.engine.oom_events, now
+
+    def _commit(self, task: ShardTask, table: pa.Table, ids: list[str]) -> ShardTotals:
+        """Write the shard's file (over its committed rows, for a redo); return what its footer records."""
+        if task.redo:
+            table = shard_rows.over_committed(
+                self._committed(task), table, task.redo, ids, self.setup.job.generation.num_return_sequences
+            )
+        totals = store.shard_totals(table)
+        metadata = {**self.schema.metadata, store.META_PLAN: task.fingerprint.encode()}
+        metadata[store.META_TOTALS] = json.dumps(totals).encode()
+        store.write_shard(self.out, task.file_name, table.replace_schema_metadata(metadata))
+        return ShardTotals(**totals)
+
+    def _committed(self, task: ShardTask) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        with self.out.fs.open_input_file(self.out.join(task.file_name)) as f:
+            return pq.read_table(f).select(self.schema.names).cast(self.schema)

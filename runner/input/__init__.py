@@ -1,0 +1,40 @@
+"""Find and read sources, parse and check rows, render and tokenize, prepare a chunk.
+
+What preparer actors run, and what the driver asks of a model's files before a job starts
+(its path, context length, tokenizer). No torch, no Ray.
+"""
+
+from runner.input.models import (
+    COMPLETE_MARKER,
+    cache_root,
+    context_length,
+    is_complete_model_dir,
+    load_tokenizer,
+    prepare_embedded_model,
+    quiet_transformers,
+    resolve_model_path,
+)
+from runner.input.prepare import PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
+from runner.input.sources import RawChunk, Source, read_chunks
+from runner.input.sources import resolve as resolve_source
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "PREPARED_FIELDS",
+    "TOKENS",
+    "ChunkMeta",
+    "ChunkPreparer",
+    "PrepareSpec",
+    "RawChunk",
+    "Source",
+    "cache_root",
+    "context_length",
+    "is_complete_model_dir",
+    "load_tokenizer",
+    "prepare_chunk",
+    "prepare_embedded_model",
+    "quiet_transformers",
+    "read_chunks",
+    "resolve_source",
+    "resolve_model_path",
+]

@@ -1,0 +1,209 @@
+"""Turn one raw chunk of input rows into what workers generate from: the unit of parallel preparation.
+
+`prepare_chunk` parses and checks the rows, renders the prompt text (chat template),
+tokenizes it and fits it to the model's context. It runs in preparer actors spread over
+the cluster (`runner.cluster.preparers` starts them); the driver gets back only a `ChunkMeta` (lengths and
+hashes: 20 bytes a row), while the prepared rows stay in the object store until the
+worker that generates them fetches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from runner.config import DatasetConfig, ModelConfig
+from runner.errors import ConfigError
+from runner.input.models import load_tokenizer
+from runner.input.render import cut_user_text, render_and_tokenize, user_text
+from runner.input.rows import parse_chunk, prompts_from_table
+from runner.secrets import apply_submitted_env
+
+LONGEST = 5  # longest prompts each chunk reports (the dry run shows them)
+TOKENS = "__input_ids"  # the prepared rows' token ids; a carried input column of this name gets a prefix
+PREPARED_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field(TOKENS, pa.list_(pa.int32()), nullable=False),
+    pa.field("truncated_tokens", pa.int32(), nullable=False),
+]
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """What preparing any chunk of one job needs: the same for every chunk."""
+
+    dataset: DatasetConfig
+    model_path: str
+    model: ModelConfig
+    max_new_tokens: int
+    context: int | None  # the model's context window, if known
+    reserved_columns: frozenset[str]
+
+
+@dataclass
+class ChunkMeta:
+    """What the driver learns of a prepared chunk: enough to plan it, check ids and fingerprint it."""
+
+    rows: int
+    lengths: np.ndarray  # int32 prompt tokens per row (after any truncation)
+    row_hashes: np.ndarray  # uint64 per row: id, rendered prompt and carried columns
+    id_hashes: np.ndarray  # uint64 per row: the id alone (uniqueness across chunks)
+    carry_schema: pa.Schema
+    file: str
+    first_row: int
+    problems: list[str] = field(default_factory=list)
+    problem_title: str = "bad input"
+    too_long: list[tuple[str, int]] = field(default_factory=list)  # (id, tokens) over the context, too_long=refuse
+    truncated: int = 0  # rows cut from the left to fit (too_long=truncate_left)
+    longest: list[tuple[int, str]] = field(default_factory=list)  # (tokens, id) of its longest prompts
+
+
+class ChunkPreparer:
+    """Holds one job's tokenizer and prepares its chunks (a Ray actor in a job; plain Python in tests)."""
+
+    def __init__(self, spec: PrepareSpec, background: bool = False):
+        """Args: background: run only on CPU time that workers leave idle (an actor beside CPU workers)."""
+        apply_submitted_env()  # a submitted job's credentials for reading its input, if any
+        self.spec = spec
+        self.background = background
+        self._tokenizer: Any = None
+
+    def prepare(self, chunk: Any) -> tuple[ChunkMeta, pa.Table | None]:
+        if self.background:
+            _yield_cpu()
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = load_tokenizer(self.spec.model_path, self.spec.model)
+            except ConfigError as e:
+                return _failed(chunk, e.problems, e.title), None
+        return prepare_chunk(chunk, self.spec, self._tokenizer)
+
+
+def _yield_cpu() -> None:
+    """Preparing ahead must not slow the workers generating on the same cores: schedule this thread
+    only on CPU time they leave idle (SCHED_IDLE; Linux sets it per thread), or at the lowest priority."""
+    import os
+
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19 - os.nice(0))
+        except OSError:
+            pass
+
+
+def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkMeta, pa.Table | None]:
+    """Parse, check, render, tokenize and fit one `sources.RawChunk`.
+
+    Bad input does not raise: the meta lists the problems (the driver reports every
+    chunk's at once) and the table is None.
+    """
+    try:
+        table = parse_chunk(chunk)
+        prompts = prompts_from_table(table, spec.dataset, spec.reserved_columns, chunk.first_row)
+        texts, input_ids = render_and_tokenize(prompts, tokenizer, spec.model.chat_template)
+    except ConfigError as e:
+        rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
+        return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
+    truncated, too_long = fit_context(input_ids, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit))
+    meta = ChunkMeta(
+        rows=len(texts),
+        lengths=np.fromiter((len(x) for x in input_ids), dtype=np.int32, count=len(input_ids)),
+        row_hashes=_row_hashes(prompts.ids, texts, chunk, prompts.carry),
+        id_hashes=_hashes(prompts.ids),
+        carry_schema=prompts.carry.schema,
+        file=chunk.file,
+        first_row=chunk.first_row,
+        too_long=[(prompts.ids[i], n) for i, n in too_long],
+        truncated=sum(1 for t in truncated if t),
+    )
+    meta.longest = heapq.nlargest(LONGEST, zip(meta.lengths.tolist(), prompts.ids))
+    columns = {
+        "id": pa.array(prompts.ids, pa.string()),
+        "prompt": pa.array(texts, pa.string()),
+        TOKENS: pa.array(input_ids, pa.list_(pa.int32())),
+        "truncated_tokens": pa.array(truncated, pa.int32()),
+    }
+    rows = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(PREPARED_FIELDS))
+    for name in prompts.carry.column_names:
+        rows = rows.append_column(name, prompts.carry.column(name))
+    return meta, rows
+
+
+def _failed(chunk: Any, problems: list[str], title: str) -> ChunkMeta:
+    empty = np.zeros(0, dtype=np.uint64)
+    return ChunkMeta(
+        0, np.zeros(0, np.int32), empty, empty, pa.schema([]), chunk.file, chunk.first_row, problems, title
+    )
+
+
+def fit_context(
+    input_ids: list[list[int]], spec: PrepareSpec, cut: Callable[[int, int], list[int] | None]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Make every prompt leave room for max_new_tokens in the model's context window.
+
+    Args:
+        cut: (row, limit) -> the row's ids cut to `limit` from the left of the user's text (the
+            chat template's pieces kept), or None when that cannot be done.
+
+    Returns:
+        Tokens cut from each prompt (all 0 unless dataset.too_long=truncate_left), and (row, tokens)
+        of each prompt that does not fit (too_long=refuse, or no cut possible): the driver refuses them.
+    """
+    truncated = [0] * len(input_ids)
+    if not spec.context:
+        return truncated, []
+    limit = spec.context - spec.max_new_tokens
+    too_long = [(i, len(x)) for i, x in enumerate(input_ids) if len(x) > limit]
+    if spec.dataset.too_long == "refuse":
+        return truncated, too_long
+    uncut = []
+    for i, n in too_long:
+        shorter = cut(i, limit)
+        if shorter is None:
+            uncut.append((i, n))
+            continue
+        truncated[i] = n - len(shorter)
+        input_ids[i] = shorter
+    return truncated, uncut
+
+
+def _cut(texts: list[str], prompts: Any, tokenizer: Any, spec: PrepareSpec, row: int, limit: int) -> list[int] | None:
+    add_special = prompts.messages is None and (
+        spec.model.chat_template == "none" or not getattr(tokenizer, "chat_template", None)
+    )
+    return cut_user_text(tokenizer, texts[row], user_text(prompts, row), add_special, limit)
+
+
+def _hashes(values: list[str]) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.uint64)
+    for i, v in enumerate(values):
+        out[i] = int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
+    return out
+
+
+def _row_hashes(ids: list[str], texts: list[str], chunk: Any, carry: pa.Table) -> np.ndarray:
+    """A hash of each row's whole content: a rerun over edited prompts or columns plans other shards."""
+    if chunk.lines is not None:
+        raw = chunk.lines.split(b"\n")  # the whole JSON line: prompt, id and every carried value
+    else:
+        raw = [repr(sorted(r.items())).encode() for r in carry.to_pylist()] if carry.num_columns else [b""] * len(ids)
+    out = np.empty(len(ids), dtype=np.uint64)
+    for i, (row_id, text, extra) in enumerate(zip(ids, texts, raw)):
+        h = hashlib.blake2b(digest_size=8)
+        h.update(row_id.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\0")
+        h.update(extra)
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out

@@ -1,0 +1,58 @@
+"""The output contract: the Arrow schema, atomic writes, resume, the lease, verify.
+
+What the driver and the workers use of a run directory; no torch, no Ray.
+"""
+
+from runner.store.lease import Lease
+from runner.store.lease import acquire as acquire_lease
+from runner.store.output import (
+    BASE_COLUMNS,
+    BASE_FIELDS,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    META_CONFIG_HASH,
+    META_PLAN,
+    META_TOTALS,
+    OutputDir,
+    ensure_writable,
+    file_metadata,
+    list_data_files,
+    open_output_dir,
+    output_schema,
+    read_manifest,
+    shard_file_name,
+    shard_totals,
+    write_manifest,
+    write_shard,
+)
+from runner.store.resume import Existing, error_rows, read_shard_totals, scan_existing
+from runner.store.verify import Verdict, verify_run
+
+__all__ = [
+    "BASE_COLUMNS",
+    "BASE_FIELDS",
+    "LEGACY_MANIFEST",
+    "MANIFEST",
+    "META_CONFIG_HASH",
+    "META_PLAN",
+    "META_TOTALS",
+    "Existing",
+    "Lease",
+    "OutputDir",
+    "Verdict",
+    "acquire_lease",
+    "ensure_writable",
+    "error_rows",
+    "file_metadata",
+    "list_data_files",
+    "open_output_dir",
+    "output_schema",
+    "read_manifest",
+    "read_shard_totals",
+    "scan_existing",
+    "shard_file_name",
+    "shard_totals",
+    "verify_run",
+    "write_manifest",
+    "write_shard",
+]

@@ -1,0 +1,67 @@
+"""Starting a job: bad input fails before any worker or model starts; a bad output dir before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
+from runner.driver import job as job_lib
+from runner.errors import ConfigError
+from tests.conftest import write_jsonl
+
+
+def make_job(tmp_path, rows, **dataset) -> JobConfig:
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    return JobConfig(
+        dataset=DatasetConfig(path=str(path), **dataset),
+        model=ModelConfig(name_or_path="embedded:SmolLM2-135M-Instruct"),
+        generation=GenerationSettings(max_new_tokens=8),
+        output=OutputConfig(dir=str(tmp_path / "out")),
+    )
+
+
+def forbid(monkeypatch, module, name):
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{name} was called for a job that should have been refused")
+
+    monkeypatch.setattr(module, name, forbidden)
+
+
+@pytest.fixture()
+def no_workers(monkeypatch):
+    """Fail the test if a worker pool starts or model weights load (Ray may start: it prepares the input)."""
+    from runner.cluster import session
+    from runner.generation import model
+
+    forbid(monkeypatch, session, "WorkerPool")
+    forbid(monkeypatch, model, "load_model")
+
+
+@pytest.fixture()
+def no_ray(monkeypatch, no_workers):
+    from runner.cluster import session
+
+    forbid(monkeypatch, session, "connect")
+
+
+def test_bad_input_is_refused_before_any_worker_starts(tmp_path, no_workers, embedded_model_dir):
+    rows = [{"prompt": "a", "id": "1"}, {"prompt": "", "id": "2"}, {"prompt": ["not", "text"], "id": "3"}]
+    with pytest.raises(
+        ConfigError, match=r"in.jsonl \(rows 0-2\).*\n.*'prompt' holds values of several types.*list at lines \[3\]"
+    ):
+        job_lib.run_job(make_job(tmp_path, rows, id_column="id"))
+
+
+def test_a_wrong_input_path_is_refused_before_ray_starts(tmp_path, no_ray):
+    job = make_job(tmp_path, [{"prompt": "hi"}], id_column=None)
+    job.dataset.path = str(tmp_path / "missing" / "*.jsonl")
+    with pytest.raises(ConfigError, match="no file matches"):
+        job_lib.run_job(job)
+
+
+def test_unwritable_output_dir_is_refused_before_ray_starts(tmp_path, no_ray):
+    job = make_job(tmp_path, [{"prompt": "hi"}], id_column=None)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    job.output.dir = str(tmp_path / "blocker" / "out")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        job_lib.run_job(job)

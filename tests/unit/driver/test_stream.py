@@ -1,0 +1,156 @@
+"""The streaming data path without Ray: windows, checks across chunks, fingerprints, resume from names."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
+from runner.driver import stream
+from runner.driver.feed import TaskFeed
+from runner.errors import ConfigError
+from runner.generation.worker import gather
+from runner.input import TOKENS, PrepareSpec
+from runner.store import output, resume
+from tests.conftest import write_jsonl
+
+
+def make_stream(tmp_path, embedded_model_dir, rows, existing=None, chunk_rows=3, **batching) -> stream.JobStream:
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = JobConfig(
+        dataset=DatasetConfig(path=str(path), id_column="id"),
+        model=ModelConfig(name_or_path=embedded_model_dir),
+        generation=GenerationSettings(max_new_tokens=8),
+        output=OutputConfig(dir=str(tmp_path / "out")),
+    )
+    for key, value in {"shard_size": 2, "sort_window": 4, **batching}.items():
+        setattr(job.batching, key, value)
+    spec = PrepareSpec(job.dataset, embedded_model_dir, job.model, 8, 8192, frozenset(output.BASE_COLUMNS | {TOKENS}))
+    s = stream.JobStream(job, spec, "cfg", existing, use_ray=False)
+    s.chunk_rows = chunk_rows
+    return s
+
+
+def rows_of(n, **extra):
+    return [{"id": f"r{i}", "prompt": "word " * (1 + (i * 7) % 11), **extra} for i in range(n)]
+
+
+def test_windows_are_sorted_and_planned_on_their_own_and_cover_every_row(tmp_path, embedded_model_dir):
+    s = make_stream(tmp_path, embedded_model_dir, rows_of(10))
+    windows = list(s.windows())
+    assert len(windows) == 2  # chunks of 3 rows (3, 3, 3, 1) gathered into windows of at least 4 rows
+    assert [len(w) for w in windows] == [3, 2]  # shards of 2 rows
+    seen = []
+    for tasks in windows:
+        for task in tasks:
+            rows = gather(task, s.carry_schema)
+            lengths = [len(x) for x in rows.column(TOKENS).to_pylist()]
+            assert lengths == sorted(lengths, reverse=True)  # longest first inside a shard
+            seen += rows.column("id").to_pylist()
+    assert sorted(seen) == sorted(f"r{i}" for i in range(10))
+    assert [p.shard_id for p in s.shards] == list(range(len(s.shards))) and s.stats.rows == 10
+    assert s.stats.windows == 2 and 0 < s.stats.padding_efficiency <= 1
+
+
+def test_the_same_input_plans_the_same_files_and_edited_prompts_plan_others(tmp_path, embedded_model_dir):
+    rows = rows_of(8)
+    first = make_stream(tmp_path, embedded_model_dir, rows)
+    list(first.windows())
+    again = make_stream(tmp_path, embedded_model_dir, rows)
+    list(again.windows())
+    assert [p.name for p in first.shards] == [p.name for p in again.shards]
+    # same ids, same token lengths, other text: the fingerprint sees the content
+    edited = [dict(r, prompt=r["prompt"].replace("word", "bird")) if r["id"] == "r3" else r for r in rows]
+    changed = make_stream(tmp_path, embedded_model_dir, edited)
+    list(changed.windows())
+    differ = [a.name for a, b in zip(first.shards, changed.shards) if a.name != b.name]
+    assert len(differ) == 1
+
+
+def test_committed_shards_are_skipped_and_changed_ones_refused(tmp_path, embedded_model_dir):
+    rows = rows_of(8)
+    first = make_stream(tmp_path, embedded_model_dir, rows)
+    planned = [t for tasks in first.windows() for t in tasks]
+    done = {planned[0].file_name: 1}
+    existing = resume.Existing(done, {planned[0].shard_id: planned[0].file_name})
+    resumed = make_stream(tmp_path, embedded_model_dir, rows, existing=existing)
+    left = [t.file_name for tasks in resumed.windows() for t in tasks]
+    assert sorted(left) == sorted(t.file_name for t in planned[1:])
+    assert resumed.stats.committed_shards == 1
+    edited = [dict(r, prompt=r["prompt"] + "!") for r in rows]
+    with pytest.raises(ConfigError, match="for other input rows"):
+        list(make_stream(tmp_path, embedded_model_dir, edited, existing=existing).windows())
+
+
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        ({"id": "r1", "prompt": "again"}, "ids must be unique, but these repeat: 'r1'"),
+        ({"id": "x", "prompt": "   "}, "empty or blank prompt"),
+        ({"id": "x", "prompt": "p", "new_column": 1}, "'new_column' first appear"),
+    ],
+)
+def test_bad_rows_in_a_later_window_are_named(tmp_path, embedded_model_dir, bad, fragment):
+    rows = rows_of(12) + [bad]  # row 12: in the third window, after two were planned
+    s = make_stream(tmp_path, embedded_model_dir, rows)
+    with pytest.raises(ConfigError, match=fragment):
+        list(s.windows())
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, embedded_model_dir):
+    s = make_stream(tmp_path, embedded_model_dir, rows_of(5))
+    path = tmp_path / "in.jsonl"
+    path.write_text(path.read_text() + "\n{not json\n")
+    with pytest.raises(ConfigError, match=r"in.jsonl:7: not valid JSON"):
+        list(s.windows())
+
+
+def test_too_long_prompts_are_refused_or_cut_from_the_left_of_the_users_text(tmp_path, embedded_model_dir):
+    from runner.input import load_tokenizer
+
+    rows = [{"id": "short", "prompt": "short one"}, {"id": "long", "prompt": "word " * 9000}]  # context: 8192
+    refuse = make_stream(tmp_path, embedded_model_dir, rows)
+    with pytest.raises(ConfigError, match=r"1 prompts are longer than the model's context \(8192 tokens\).*'long'"):
+        list(refuse.windows())
+    cut = make_stream(tmp_path, embedded_model_dir, rows)
+    cut.spec.dataset.too_long = "truncate_left"
+    table = gather(next(t for tasks in cut.windows() for t in tasks), cut.carry_schema)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert by_id["short"]["truncated_tokens"] == 0 and by_id["long"]["truncated_tokens"] > 0
+    assert len(by_id["long"][TOKENS]) == 8192 - 8
+    # the user's text is cut from its left; the chat template's system header and assistant turn stay whole
+    short, long = by_id["short"][TOKENS], by_id["long"][TOKENS]
+    head = len(short) - 2 - 6  # the short row: system header and user role, "short one", the assistant turn
+    assert long[:head] == short[:head] and long[-6:] == short[-6:]
+    tokenizer = load_tokenizer(embedded_model_dir, cut.job.model)
+    assert set(tokenizer.decode(long[head:-6]).split()) == {"word"}  # what is left of the user's text
+    assert cut.stats.truncated == 1
+
+
+def test_the_feed_hands_out_tasks_then_raises_what_planning_raised():
+    def windows():
+        yield ["t1", "t2"]
+        raise ConfigError(["bad row in window 2"])
+
+    feed = TaskFeed(windows(), ["t0"], max_queued=1)
+    got = []
+    with pytest.raises(ConfigError, match="bad row in window 2"):
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            task = feed.next()
+            if task is not None:
+                got.append(task)
+            elif feed.exhausted:
+                break
+    assert got[0] == "t0" and not feed.finished  # an error never reads as the end of the input
+
+
+def test_the_feed_ends_when_the_windows_do():
+    feed = TaskFeed(iter([["a"], [], ["b", "c"]]), [], max_queued=1)
+    got, deadline = [], time.time() + 10
+    while not feed.exhausted and time.time() < deadline:
+        task = feed.next()
+        if task is not None:
+            got.append(task)
+    assert got == ["a", "b", "c"] and feed.finished

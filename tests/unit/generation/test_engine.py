@@ -1,0 +1,206 @@
+"""The engine without Ray: continuous batching, per-row random streams, stop strings, finish reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.generation.engine import Engine, Limits, Row, left_pad
+from runner.generation.sampling import Decoding
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from runner.config import ModelConfig
+    from runner.generation import model as model_lib
+    from runner.input import load_tokenizer
+
+    config = ModelConfig(name_or_path=tiny_llama_dir, quantization="none")
+    tokenizer = load_tokenizer(tiny_llama_dir, config)
+    return model_lib.load_model(tiny_llama_dir, config, "cpu"), tokenizer
+
+
+def engine(tiny, max_sequences=64, eos=(), **decoding) -> Engine:
+    model, tokenizer = tiny
+    settings = {"max_new_tokens": 8, "eos_ids": frozenset(eos), "pad_id": tokenizer.pad_token_id, **decoding}
+    return Engine(model, tokenizer, Decoding(**settings), Limits(max_sequences=max_sequences, step_cost_tokens=0))
+
+
+def rows_of(tokenizer, lengths: list[int]) -> list[Row]:
+    words = "the history of the city and its river told in many small parts " * 20
+    return [Row(i, f"row-{i}", tokenizer.encode(words)[:n]) for i, n in enumerate(lengths)]
+
+
+LENGTHS = [3, 40, 7, 25, 12, 60, 5, 33]
+
+
+def test_left_pad_puts_padding_and_zero_mask_on_the_left():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_rows_joining_and_leaving_the_running_set_decode_as_each_row_alone(tiny):
+    """fp32: exact. Rows end at different steps (a frequent token ends them) and wait for slots."""
+    model, tokenizer = tiny
+    alone_engine = engine(tiny, max_new_tokens=12)
+    probe = alone_engine.generate_all(rows_of(tokenizer, LENGTHS))
+    generated = [t for f in probe for t in f.result.tokens]
+    frequent = max(set(generated), key=generated.count)
+    rows = rows_of(tokenizer, LENGTHS)
+    alone = [engine(tiny, eos=[frequent], max_new_tokens=12).generate_all([r])[0] for r in rows]
+    small = engine(tiny, max_sequences=3, eos=[frequent], max_new_tokens=12)
+    together = small.generate_all(rows)
+    assert [f.result.tokens for f in together] == [f.result.tokens for f in alone]
+    assert [f.result.completion for f in together] == [f.result.completion for f in alone]
+    assert len({f.result.completion_tokens for f in together}) > 1  # rows really ended at different steps
+    assert small.joins > 0  # rows joined a running set mid-decode
+    assert all(f.steps == f.result.completion_tokens for f in together)  # no step spent on an ended row
+
+
+def test_finish_reasons_count_eos_and_cut_stop_strings(tiny):
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [10])
+    full = engine(tiny, max_new_tokens=6).generate_all(rows)[0].result
+    assert (full.finish_reason, full.completion_tokens, len(full.tokens)) == ("length", 6, 6)
+    eos = full.tokens[2]
+    at_eos = engine(tiny, eos=[eos], max_new_tokens=6).generate_all(rows)[0].result
+    first = full.tokens.index(eos)
+    assert (at_eos.finish_reason, at_eos.completion_tokens) == ("stop", first + 1)  # EOS counted as generated
+    assert at_eos.completion == tokenizer.decode(full.tokens[:first], skip_special_tokens=True)
+    text = tokenizer.decode(full.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        cut = engine(tiny, max_new_tokens=6, stop_strings=(stop,)).generate_all(rows)[0].result
+        assert cut.finish_reason == "stop" and cut.completion == text[: text.index(stop)]
+
+
+def test_sampled_rows_do_not_depend_on_batching_or_order(tiny):
+    """Each sequence draws from its own stream of (seed, row id, sample index): batching cannot change it."""
+    model, tokenizer = tiny
+    settings = {"do_sample": True, "samples": 2, "seed": 11, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    rows = rows_of(tokenizer, LENGTHS)
+    wide = engine(tiny, max_sequences=64, **settings).generate_all(rows)
+    narrow = engine(tiny, max_sequences=3, **settings).generate_all(rows)
+    backwards = engine(tiny, max_sequences=5, **settings).generate_all(rows[::-1])
+    assert [f.result.tokens for f in wide] == [f.result.tokens for f in narrow]
+    assert sorted((f.key, f.sample_index, f.result.tokens) for f in backwards) == [
+        (f.key, f.sample_index, f.result.tokens) for f in wide
+    ]
+    assert any(a.result.tokens != b.result.tokens for a, b in zip(wide[::2], wide[1::2]))  # samples differ
+    other_seed = engine(tiny, **{**settings, "seed": 12}).generate_all(rows)
+    assert [f.result.tokens for f in other_seed] != [f.result.tokens for f in wide]
+
+
+def test_greedy_rows_equal_transformers_generate(tiny):
+    """The engine's own decode loop against the reference: `model.generate` on each prompt alone."""
+    import torch
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [4, 30, 17])
+    ours = engine(tiny, max_new_tokens=16).generate_all(rows)
+    for row, f in zip(rows, ours):
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor([row.input_ids]),
+                attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert f.result.tokens == out[0, len(row.input_ids) :].tolist()
+
+
+def test_repetition_penalty_is_transformers_own_row_by_row():
+    """Sequences of different lengths in one batch: each row penalized exactly as alone."""
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from runner.generation.sampling import penalize
+
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seen = [[1, 2, 3, 2], [7], [4, 4, 9, 10, 11, 49]]
+    ours = penalize(scores, seen, 1.7)
+    for row, tokens in enumerate(seen):
+        reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([tokens]), scores[row : row + 1].clone())
+        assert torch.equal(ours[row], reference[0])
+    assert not torch.equal(ours, scores)
+
+
+def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny):
+    """Decode steps that do not fit send sequences back to wait; their reruns draw the same tokens."""
+    import torch
+
+    model, tokenizer = tiny
+    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6}
+    rows = rows_of(tokenizer, [9, 21, 14])
+    free = engine(tiny, **settings).generate_all(rows)
+
+    forward, sizes = model.forward, []
+
+    def tight(input_ids=None, **kwargs):  # room for one sequence at a time
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return forward(input_ids=input_ids, **kwargs)
+
+    model.forward = tight
+    try:
+        squeezed = engine(tiny, **settings)
+        out = squeezed.generate_all(rows)
+    finally:
+        model.forward = forward
+    assert [(f.key, f.sample_index, f.result.tokens) for f in out] == [
+        (f.key, f.sample_index, f.result.tokens) for f in free
+    ]
+    assert (
+        squeezed.oom_events > 0
+        and squeezed.limits.learned is not None
+        and all(f.result.finish_reason != "error" for f in out)
+    )
+    assert sum(f.steps for f in out) >= sum(f.result.completion_tokens for f in out)  # lost work is counted
+
+
+def test_a_generated_pad_token_does_not_end_the_completion(tiny):
+    """Where pad is a real token (UNK, or a model's own pad), generating it is not an end."""
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [12])
+    tokens = engine(tiny, max_new_tokens=6).generate_all(rows)[0].result.tokens
+    padded = engine(tiny, max_new_tokens=6, pad_id=tokens[1]).generate_all(rows)[0].result
+    assert padded.tokens == tokens and (padded.finish_reason, padded.completion_tokens) == ("length", 6)
+
+
+def test_an_error_in_one_rows_decoding_fails_that_row_only(tiny, monkeypatch):
+    from runner import faults
+    from runner.errors import RowFailedError
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, LENGTHS)
+    clean = engine(tiny, samples=2).generate_all(rows)
+    monkeypatch.setenv(faults.ENV, '{"row_error": ["row-3"]}')
+    faults._faults.cache_clear()
+    try:
+        got = engine(tiny, samples=2).generate_all(rows)
+        assert [(f.key, f.sample_index) for f in got] == [(f.key, f.sample_index) for f in clean]
+        failed = [f for f in got if f.result.finish_reason == "error"]
+        assert {(f.key, f.sample_index) for f in failed} == {(3, 0), (3, 1)}
+        assert all("row 'row-3' failed: InjectedFault" in f.result.error for f in failed)
+        assert [f.result.tokens for f in got if f.key != 3] == [f.result.tokens for f in clean if f.key != 3]
+        strict = engine(tiny, samples=2)
+        strict.on_row_error = "fail"
+        with pytest.raises(RowFailedError, match="row-3"):
+            strict.generate_all(rows)
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults._faults.cache_clear()
+
+
+def test_a_row_can_ask_for_some_of_its_samples_only(tiny):
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, LENGTHS[:3])
+    every = engine(tiny, samples=3, do_sample=True, temperature=1.0).generate_all(rows)
+    rows[1].samples = (2,)
+    some = engine(tiny, samples=3, do_sample=True, temperature=1.0).generate_all(rows)
+    assert [(f.key, f.sample_index) for f in some] == [(0, 0), (0, 1), (0, 2), (1, 2), (2, 0), (2, 1), (2, 2)]
+    wanted = [f.result.tokens for f in every if (f.key, f.sample_index) != (1, 0) and (f.key, f.sample_index) != (1, 1)]
+    assert [f.result.tokens for f in some] == wanted

@@ -1,0 +1,109 @@
+"""Finding and streaming the input: files, folders, globs, URIs; chunks in a fixed order."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.config import DatasetConfig
+from runner.errors import ConfigError
+from runner.input import sources
+from runner.input.rows import parse_chunk
+from tests.conftest import write_jsonl
+
+
+def ids_read(path, chunk_rows=2, **kw) -> list[str]:
+    cfg = DatasetConfig(path=str(path), **kw)
+    chunks = list(sources.read_chunks(sources.resolve(cfg), cfg, chunk_rows))
+    assert all(c.rows <= chunk_rows for c in chunks)
+    assert [c.first_row for c in chunks] == [sum(c.rows for c in chunks[:k]) for k in range(len(chunks))]
+    return [r["id"] for c in chunks for r in parse_chunk(c).to_pylist()]
+
+
+def test_a_folder_is_read_file_by_file_in_name_order_skipping_hidden_and_underscore_names(tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    write_jsonl(folder / "b.jsonl", [{"id": "b1"}, {"id": "b2"}, {"id": "b3"}])
+    write_jsonl(folder / "a.jsonl", [{"id": "a1"}])
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".a.jsonl.crc").write_text("")
+    assert ids_read(folder) == ["a1", "b1", "b2", "b3"]
+    assert ids_read(folder, limit=3) == ["a1", "b1", "b2"]
+
+
+def test_a_glob_picks_files_and_parquet_and_csv_stream_in_chunks(tmp_path):
+    for k in range(3):
+        pq.write_table(pa.table({"id": [f"p{k}-{i}" for i in range(3)]}), tmp_path / f"part-{k}.parquet")
+    (tmp_path / "other.parquet").write_bytes(b"not matched")
+    assert ids_read(tmp_path / "part-*.parquet") == [f"p{k}-{i}" for k in range(3) for i in range(3)]
+    (tmp_path / "p.csv").write_text("id,prompt\n" + "".join(f"c{i},hello\n" for i in range(5)))
+    assert ids_read(tmp_path / "p.csv") == [f"c{i}" for i in range(5)]
+
+
+def test_jsonl_keeps_line_numbers_across_blank_lines_and_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 7)  # lines split across reads
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x"}\n\n{"id": "y"}\n{"id": "z"}')  # a blank line, no final newline
+    cfg = DatasetConfig(path=str(path))
+    chunks = list(sources.read_chunks(sources.resolve(cfg), cfg, 2))
+    assert [c.line_numbers.tolist() for c in chunks] == [[1, 3], [4]]
+    assert [r["id"] for c in chunks for r in parse_chunk(c).to_pylist()] == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize(
+    "make,fragment",
+    [
+        (lambda d: d / "missing.jsonl", "no such file"),
+        (lambda d: d / "nothing-*.jsonl", "no file matches"),
+        (lambda d: (d / "mixed").mkdir() or write_jsonl(d / "mixed" / "a.jsonl", []).parent, "mixes"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "holds no"),
+    ],
+)
+def test_paths_that_name_no_usable_input_are_refused_with_the_reason(tmp_path, make, fragment):
+    path = make(tmp_path)
+    if fragment == "mixes":
+        (path / "b.csv").write_text("id\n1\n")
+    with pytest.raises(ConfigError, match=fragment):
+        sources.resolve(DatasetConfig(path=str(path)))
+
+
+def test_a_file_uri_is_read_like_a_local_path(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "u1"}, {"id": "u2"}])
+    assert ids_read(f"file://{tmp_path}/a.jsonl") == ["u1", "u2"]
+    assert ids_read(f"file://{tmp_path}/*.jsonl") == ["u1", "u2"]
+    assert ids_read(f"file://{tmp_path}") == ["u1", "u2"]
+
+
+def test_a_json_array_file_is_one_table(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "j1"}, {"id": "j2"}, {"id": "j3"}]))
+    assert ids_read(tmp_path / "a.json") == ["j1", "j2", "j3"]
+    (tmp_path / "bad.json").write_text('{"id": 1}')
+    with pytest.raises(ConfigError, match="list of objects"):
+        ids_read(tmp_path / "bad.json")
+
+
+def test_limit_inside_a_chunk_and_crlf_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": "a"}\r\n{"id": "b"}\r\n\r\n{"id": "c"}\r\n')
+    assert ids_read(path, chunk_rows=10, limit=2) == ["a", "b"]
+    assert ids_read(path, chunk_rows=10) == ["a", "b", "c"]
+
+
+def test_a_block_that_starts_with_a_blank_line_keeps_line_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 12)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x"}\n\n{"id": "y"}\n')  # the second read starts with the blank line
+    cfg = DatasetConfig(path=str(path))
+    [chunk] = list(sources.read_chunks(sources.resolve(cfg), cfg, 10))
+    assert chunk.line_numbers.tolist() == [1, 3]
+
+
+def test_uri_globs_match_like_local_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "top.jsonl", [{"id": "t"}])
+    write_jsonl(tmp_path / "sub" / "deep.jsonl", [{"id": "d"}])
+    assert ids_read(f"file://{tmp_path}/*.jsonl") == ["t"]  # `*` does not cross folders
+    assert ids_read(f"file://{tmp_path}/**/*.jsonl") == ids_read(f"{tmp_path}/**/*.jsonl") == ["d", "t"]
