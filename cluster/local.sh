@@ -57,8 +57,30 @@ case "${1:-}" in
     ray_cli status --address="127.0.0.1:$PORT"
     ;;
   down)
-    ray_cli stop --force >/dev/null 2>&1 || true
-    echo "Ray stopped"
+    # Only this cluster's processes: `ray stop` would also end every other Ray on the machine (a job's
+    # private one included). This cluster's are the ones naming its session folder (the GCS on $PORT
+    # says which), and every process started under them.
+    "$PYTHON" - "$PORT" <<'PY'
+import re, sys, psutil
+port = sys.argv[1]
+def cmd(p):
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+gcs = [p for p in psutil.process_iter() if re.search(rf"gcs_server_port={port}( |$)", cmd(p))]
+sessions = {m.group(0) for p in gcs for m in [re.search(r"/tmp/ray/session_[^/ ]+", cmd(p))] if m}
+mine = re.compile(rf"address=127.0.0.1:{port}( |$)")
+roots = [p for p in psutil.process_iter() if any(s in cmd(p) for s in sessions) or mine.search(cmd(p))]
+doomed = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)] if p.pid != psutil.Process().pid}
+for p in doomed.values():
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+psutil.wait_procs(list(doomed.values()), timeout=10)
+PY
+    echo "Ray stopped (the cluster on port $PORT)"
     ;;
   add-worker)
     ray_cli start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \

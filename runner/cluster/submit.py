@@ -8,8 +8,10 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from runner.secrets import SECRETS_FILE, SECRETS_MODULE_ENV, holds_secret
 
@@ -19,6 +21,7 @@ EXCLUDES = [".venv", ".git", "outputs", "multirun", "out", "**/__pycache__", "*.
 # Passed to the job as environment variables (shown in Ray's job list: nothing secret).
 PASSED_ENV = ("HF_HOME", "RUNNER_CACHE_DIR", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE")
 # Passed inside a package of the job's runtime environment, never as job metadata.
+AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started cluster's job agent
 SECRET_ENV = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -79,7 +82,7 @@ def submit_and_follow(address: str, overrides: list[str], wait: bool = True) -> 
     shown, secret = split_secret_overrides(overrides)
     with tempfile.TemporaryDirectory() as where:
         package = secrets_package(secret, Path(where))
-        job_id = client.submit_job(entrypoint=entrypoint(shown), runtime_env=runtime_env(package))
+        job_id = _submit(client, entrypoint(shown), runtime_env(package))
     hidden = f" (+ {len(secret)} override(s) with credentials, sent with the job's secrets)" if secret else ""
     print(f"submitted {job_id} to {address}: {entrypoint(shown)}{hidden}", flush=True)
     if not wait:
@@ -93,3 +96,15 @@ def submit_and_follow(address: str, overrides: list[str], wait: bool = True) -> 
     status = client.get_job_status(job_id)
     print(f"job {job_id}: {status}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit(client: Any, command: str, runtime: dict, wait_for_agent_s: float = AGENT_WAIT_S) -> str:
+    """Submit the job; a cluster that has just started may not have its job agent yet: wait for it a while."""
+    deadline = time.time() + wait_for_agent_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=runtime)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1.0)

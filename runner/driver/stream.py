@@ -130,7 +130,7 @@ class JobStream:
             for chunk in chunks:
                 yield local.prepare(chunk)
             return
-        yield from cluster.prepare_on_cluster(self.spec, chunks)
+        yield from cluster.prepare_on_cluster(self.spec, chunks, first_rows=self.job.batching.sort_window)
 
     def _plan_window(self, window: list[tuple[ChunkMeta, Any]]) -> list[ShardTask]:
         metas = [m for m, _ in window]

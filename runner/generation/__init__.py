@@ -9,8 +9,18 @@ from typing import Any
 from runner.generation.settings import build_generation_config
 from runner.generation.worker import ShardGenerator
 
-__all__ = ["Engine", "Limits", "Row", "ShardGenerator", "build_generation_config", "load_model", "pick_device"]
+__all__ = [
+    "Decoding",
+    "Engine",
+    "Limits",
+    "Row",
+    "ShardGenerator",
+    "build_generation_config",
+    "load_model",
+    "pick_device",
+]
 _LAZY = {
+    "Decoding": "runner.generation.sampling",
     "Engine": "runner.generation.engine",
     "Limits": "runner.generation.engine",
     "Row": "runner.generation.engine",

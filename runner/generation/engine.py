@@ -120,7 +120,10 @@ class Engine:
         self._chooser = Chooser(decoding)
         self._joinable = kvcache.joinable(kvcache.new_cache(model))
         self._failing_rows = faults.failing_rows()
-        self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in decoding.stop_strings), default=0) + 2
+        # A stop string that is one of the tokenizer's added tokens (`<|im_end|>`, `<end_of_turn>`) ends a
+        # sequence like EOS does: its text never appears once special tokens are skipped.
+        self._stop_ids, self._stop_texts = stop_tokens(tokenizer, decoding.stop_strings)
+        self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in self._stop_texts), default=0) + 2
         self._reset()
 
     def _reset(self) -> None:
@@ -361,11 +364,11 @@ class Engine:
             raise faults.InjectedFault("injected fault in this row's decoding")
         d = self.decoding
         last = s.tokens[-1]
-        if last in d.eos_ids:
+        if last in d.eos_ids or last in self._stop_ids:
             return self._result(s.tokens[:-1], len(s.tokens), "stop", s.tokens)
-        if d.stop_strings:
+        if self._stop_texts:
             tail = self.tokenizer.decode(s.tokens[-self._stop_tail :], skip_special_tokens=True)
-            if any(stop in tail for stop in d.stop_strings):
+            if any(stop in tail for stop in self._stop_texts):
                 return self._result(s.tokens, len(s.tokens), "stop", s.tokens)
         if len(s.tokens) >= d.max_new_tokens:
             return self._result(s.tokens, len(s.tokens), "length", s.tokens)
@@ -373,7 +376,7 @@ class Engine:
 
     def _result(self, text_tokens: list[int], count: int, reason: str, tokens: list[int]) -> SequenceResult:
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        hits = [text.find(s) for s in self.decoding.stop_strings if s in text]
+        hits = [text.find(s) for s in self._stop_texts if s in text]
         if hits:
             return SequenceResult(text[: min(hits)], count, "stop", tokens=list(tokens))
         return SequenceResult(text, count, reason, tokens=list(tokens))
@@ -413,6 +416,13 @@ class Engine:
         for k in w.samples:
             result = SequenceResult(None, None, "error", message)
             yield Finished(w.row.key, k, result, 1, len(w.row.input_ids), w.steps.get(k, 0), spent)
+
+
+def stop_tokens(tokenizer: Any, stop_strings: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
+    """(ids of the stop strings that are added tokens of the tokenizer, the other stop strings)."""
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    ids = frozenset(added[s] for s in stop_strings if s in added)
+    return ids, tuple(s for s in stop_strings if s not in added)
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

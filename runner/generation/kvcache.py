@@ -78,16 +78,18 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
         self._views = (self.keys, self.values)
 
-    def compact(self, keep: list[int]) -> bool:
-        """Move the rows `keep` (ascending) to the front of the buffers, in place. False if not holding buffers."""
+    def compact(self, index: Any) -> bool:
+        """Move the rows `index` (ascending, a tensor) to the front of the buffers: one indexed copy per buffer.
+
+        False if the layer is not holding its buffers (a join or a cut assigned new tensors).
+        """
         if self._buffers is None or self._views is None or self.keys is not self._views[0]:
             return False
         buf_k, buf_v = self._buffers
-        for j, i in enumerate(keep):
-            if i != j:
-                buf_k[j] = buf_k[i]
-                buf_v[j] = buf_v[i]
-        used, rows = self.keys.shape[2], len(keep)
+        used, rows = self.keys.shape[2], index.shape[0]
+        # whichever rows left and however many: one gather and one copy per buffer, of the used positions only
+        buf_k[:rows, :, :used] = buf_k[:, :, :used].index_select(0, index)
+        buf_v[:rows, :, :used] = buf_v[:, :, :used].index_select(0, index)
         self._buffers = (buf_k[:rows], buf_v[:rows])
         self.keys, self.values = buf_k[:rows, :, :used], buf_v[:rows, :, :used]
         self._views = (self.keys, self.values)
@@ -170,20 +172,18 @@ def _padded_buffers(layers: list[Any], width: int, room: int) -> tuple[Any, Any]
 def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     """Keep only the rows `keep` (ascending), without their first `cut` positions (padding no kept row uses).
 
-    Growing layers with nothing to cut move the kept rows down in place (only rows after the
-    first one that left move, and the buffer keeps its room); otherwise one copy into a new buffer.
+    Growing layers with nothing to cut move the kept rows to the front in place (one indexed copy
+    per buffer, and the buffer keeps its room); otherwise one copy into a new buffer.
     """
     import torch
 
+    index = torch.tensor(keep, device=device)
     if not joinable(cache):
-        cache.reorder_cache(torch.tensor(keep, device=device))  # some layers hold no keys (linear attention)
+        cache.reorder_cache(index)  # some layers hold no keys (linear attention)
         return
-    index = None
     for layer in cache.layers:
-        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(keep):
+        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(index):
             continue
-        if index is None:
-            index = torch.tensor(keep, device=device)
         keys, values = layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index)
         if isinstance(layer, GrowingLayer):
             layer.hold(keys, values, GROW)

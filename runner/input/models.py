@@ -177,7 +177,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def context_length(path: str, model_cfg: ModelConfig) -> int | None:
     """The model's context window in tokens (max_position_embeddings), when its config says."""
-    from transformers import AutoConfig
+    local = _local_context_length(path)
+    if local is not None:
+        return local
+    from transformers import AutoConfig  # imports torch: only where the folder's config.json does not say
 
     try:
         config = AutoConfig.from_pretrained(
@@ -187,6 +190,17 @@ def context_length(path: str, model_cfg: ModelConfig) -> int | None:
         raise ConfigError([f"model.name_or_path={path!r}: could not load its config ({first_line(e)})"]) from e
     text_config = getattr(config, "text_config", None) or config
     return getattr(text_config, "max_position_embeddings", None)
+
+
+def _local_context_length(path: str) -> int | None:
+    """max_position_embeddings straight from a local folder's config.json (its text_config's, if it has one)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text_config = config.get("text_config") or config
+    value = text_config.get("max_position_embeddings") if isinstance(text_config, dict) else None
+    return value if isinstance(value, int) else None
 
 
 def load_tokenizer(path: str, model_cfg: ModelConfig | None = None) -> Any:

@@ -68,15 +68,16 @@ class ChunkMeta:
 class ChunkPreparer:
     """Holds one job's tokenizer and prepares its chunks (a Ray actor in a job; plain Python in tests)."""
 
-    def __init__(self, spec: PrepareSpec, background: bool = False):
-        """Args: background: run only on CPU time that workers leave idle (an actor beside CPU workers)."""
+    def __init__(self, spec: PrepareSpec):
         apply_submitted_env()  # a submitted job's credentials for reading its input, if any
         self.spec = spec
-        self.background = background
         self._tokenizer: Any = None
 
-    def prepare(self, chunk: Any) -> tuple[ChunkMeta, pa.Table | None]:
-        if self.background:
+    def prepare(self, chunk: Any, background: bool = False) -> tuple[ChunkMeta, pa.Table | None]:
+        """Args: background: from now on, run only on CPU time that workers leave idle (chunks prepared
+        while workers generate beside this actor); the first window's chunks are not: no worker runs yet.
+        """
+        if background:
             _yield_cpu()
         if self._tokenizer is None:
             try:

@@ -62,6 +62,16 @@ def test_the_sweep_benchmark_runs(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["points"] == 3
 
 
+def test_the_engine_benchmark_counts_ops_outside_the_forward_apart_from_the_number_of_rows(tmp_path):
+    args = ["jobs/bench_engine.py", "--models", "tiny", "--sizes", "8,32", "--steps", "24", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["size"]: r for r in json.loads((tmp_path / "engine.json").read_text())}
+    assert set(rows) == {8, 32} and all(r["ending"]["forward_ms"] > 0 for r in rows.values())
+    # a step where rows end costs the same operations at 8 and at 32 running rows (one indexed copy per layer)
+    assert rows[32]["ending"]["ops_outside_forward"] <= 1.1 * rows[8]["ending"]["ops_outside_forward"]
+
+
 def test_spark_reads_a_run_as_the_readme_shows(tmp_path):
     pyspark = pytest.importorskip("pyspark", reason="make test-slow installs pyspark (the [spark] extra)")
     assert pyspark

@@ -78,7 +78,7 @@ def test_a_raising_shard_a_failing_write_a_hung_worker_and_a_failing_row_cost_no
         "row_error": [failing_id],  # one row's decoding raises, every time
     }
     env = {**os.environ, "RUNNER_FAULTS": json.dumps(faults)}
-    args = job_args(prompts, out, "cluster.num_workers=1", "cluster.hang_timeout_s=20")
+    args = job_args(prompts, out, "cluster.num_workers=1", "cluster.hang_timeout_s=15")
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -74,6 +74,42 @@ def test_finish_reasons_count_eos_and_cut_stop_strings(tiny):
         assert cut.finish_reason == "stop" and cut.completion == text[: text.index(stop)]
 
 
+class PreferTokenAt:
+    """Wraps a model's forward: from its `calls`-th call on, token `token` gets the highest logit of every row."""
+
+    def __init__(self, model, token: int, calls: int):
+        self.forward, self.token, self.calls, self.seen = model.forward, token, calls, 0
+        self.model = model
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        self.seen += 1
+        if self.seen >= self.calls:
+            out.logits[..., self.token] = out.logits.max() + 10.0
+        return out
+
+    def restore(self):
+        self.model.forward = self.forward
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_row(tiny):
+    """`<|im_end|>` is an added token: with special tokens skipped its text never shows, so it is matched as a token."""
+    model, tokenizer = tiny
+    stop = "<|im_end|>"
+    token = tokenizer.added_tokens_encoder[stop]
+    rows = rows_of(tokenizer, [10])
+    plain = engine(tiny, max_new_tokens=8).generate_all(rows)[0].result
+    forced = PreferTokenAt(model, token, calls=4)  # the prefill, then decode steps: the 4th token is <|im_end|>
+    try:
+        ended = engine(tiny, max_new_tokens=8, stop_strings=(stop,)).generate_all(rows)[0].result
+    finally:
+        forced.restore()
+    assert ended.tokens[:3] == plain.tokens[:3] and ended.tokens[3] == token
+    assert (ended.finish_reason, ended.completion_tokens) == ("stop", 4)  # counted like EOS
+    assert ended.completion == tokenizer.decode(plain.tokens[:3], skip_special_tokens=True)
+
+
 def test_sampled_rows_do_not_depend_on_batching_or_order(tiny):
     """Each sequence draws from its own stream of (seed, row id, sample index): batching cannot change it."""
     model, tokenizer = tiny
