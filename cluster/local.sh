@@ -69,10 +69,15 @@ def cmd(p):
     except psutil.Error:
         return ""
 gcs = [p for p in psutil.process_iter() if re.search(rf"gcs_server_port={port}( |$)", cmd(p))]
-sessions = {m.group(0) for p in gcs for m in [re.search(r"/tmp/ray/session_[^/ ]+", cmd(p))] if m}
+sessions = {m.group(0) for p in gcs for m in [re.search(r"/\S*?/session_[^/ ]+", cmd(p))] if m}
 mine = re.compile(rf"address=127.0.0.1:{port}( |$)")
 roots = [p for p in psutil.process_iter() if any(s in cmd(p) for s in sessions) or mine.search(cmd(p))]
-doomed = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)] if p.pid != psutil.Process().pid}
+def tree(root):
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:  # ended meanwhile
+        return []
+doomed = {p.pid: p for r in roots for p in tree(r) if p.pid != psutil.Process().pid}
 for p in doomed.values():
     try:
         p.kill()

@@ -42,8 +42,7 @@ def connect(cluster: ClusterConfig) -> bool:
             # API would let any local user run code as this user. Its processes inherit this one's environment,
             # so the variables are set here rather than in a runtime environment (which costs every actor a
             # round trip to Ray's runtime-env agent, about a second on a small machine).
-            for key, value in env.items():
-                os.environ.setdefault(key, value)
+            os.environ.update(env)
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **common)
     return True
 

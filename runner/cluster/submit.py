@@ -15,13 +15,14 @@ from typing import Any
 
 from runner.secrets import SECRETS_FILE, SECRETS_MODULE_ENV, holds_secret
 
+AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started cluster's job agent
+
 REPO = Path(__file__).resolve().parents[2]
 # Never uploaded with the working directory: environments, results, caches.
 EXCLUDES = [".venv", ".git", "outputs", "multirun", "out", "**/__pycache__", "*.parquet", ".pytest_cache", ".whl"]
 # Passed to the job as environment variables (shown in Ray's job list: nothing secret).
 PASSED_ENV = ("HF_HOME", "RUNNER_CACHE_DIR", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE")
 # Passed inside a package of the job's runtime environment, never as job metadata.
-AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started cluster's job agent
 SECRET_ENV = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -49,7 +50,7 @@ def secrets_package(secret_overrides: list[str], where: Path) -> Path | None:
     package.mkdir(mode=0o700)
     # Ray names an uploaded package by a hash of its files' content, not of its folder's name: the
     # name inside makes each submission's package its own (else a cached one with another name is used).
-    init = f'"""Secrets of one submitted job (made by runner.submit)."""\n\nNAME = "{package.name}"\n'
+    init = f'"""Secrets of one submitted job (made by runner.cluster.submit)."""\n\nNAME = "{package.name}"\n'
     (package / "__init__.py").write_text(init)
     path = package / SECRETS_FILE
     path.touch(mode=0o600)
@@ -107,4 +108,5 @@ def _submit(client: Any, command: str, runtime: dict, wait_for_agent_s: float = 
         except RuntimeError as e:
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
-            time.sleep(1.0)
+            print("the cluster's job agent is not up yet; trying again", file=sys.stderr, flush=True)
+            time.sleep(2.0)

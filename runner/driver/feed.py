@@ -40,7 +40,7 @@ class TaskFeed:
                     if self._stop.is_set():
                         return
             self.finished = True
-        except BaseException as e:  # handed to the scheduler's thread, which raises it
+        except BaseException as e:  # handed to the pool's thread, which raises it
             self._error = e
         finally:
             self._ended.set()

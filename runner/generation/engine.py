@@ -8,7 +8,7 @@ free, the next waiting rows are read (prefill, in groups of similar length, each
 left-padded only to its own longest prompt) and their KV caches join the running set's,
 left-padded to one width. Columns of the cache that only padding uses any more are cut.
 
-Sampling (`runner.sampling`) draws each token from a random stream of its own sequence:
+Sampling (`runner.generation.sampling`) draws each token from a random stream of its own sequence:
 a uniform number derived from (seed, row id, sample index, step) alone, so the same config
 and data give the same samples whatever the batching, worker count, memory, retry or resume.
 
@@ -313,7 +313,7 @@ class Engine:
             kvcache.truncate(self.cache, self.mask.shape[1])
 
     def _choose(self, logits: Any, seqs: list[_Sequence]) -> list[int]:
-        """The next token of every sequence: greedy, or drawn from its own random stream (`runner.sampling`)."""
+        """The next token of every sequence: greedy, or drawn from its own random stream (see `sampling`)."""
         seen = [s.row.input_ids + s.tokens for s in seqs] if self.decoding.repetition_penalty not in (None, 1.0) else []
         return self._chooser.choose(logits, seen, [s.stream for s in seqs], [len(s.tokens) for s in seqs])
 
@@ -419,10 +419,15 @@ class Engine:
 
 
 def stop_tokens(tokenizer: Any, stop_strings: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
-    """(ids of the stop strings that are added tokens of the tokenizer, the other stop strings)."""
-    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
-    ids = frozenset(added[s] for s in stop_strings if s in added)
-    return ids, tuple(s for s in stop_strings if s not in added)
+    """(ids of the stop strings that are special tokens of the tokenizer, the other stop strings).
+
+    Only special tokens: their text is gone once special tokens are skipped. Other added tokens
+    decode as text, and stay text stops (the model may also spell them out over several tokens).
+    """
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {str(token): i for i, token in decoder.items() if getattr(token, "special", False)}
+    ids = frozenset(special[s] for s in stop_strings if s in special)
+    return ids, tuple(s for s in stop_strings if s not in special)
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

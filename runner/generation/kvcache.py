@@ -78,18 +78,19 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
         self._views = (self.keys, self.values)
 
-    def compact(self, index: Any) -> bool:
-        """Move the rows `index` (ascending, a tensor) to the front of the buffers: one indexed copy per buffer.
+    def compact(self, index: Any, rows: int, moved_from: int) -> bool:
+        """Keep the rows `index` (ascending, a tensor of `rows`): rows from `moved_from` on move down, in place,
+        in one indexed copy per buffer whichever rows left (the rows before it are where they were).
 
         False if the layer is not holding its buffers (a join or a cut assigned new tensors).
         """
         if self._buffers is None or self._views is None or self.keys is not self._views[0]:
             return False
         buf_k, buf_v = self._buffers
-        used, rows = self.keys.shape[2], index.shape[0]
-        # whichever rows left and however many: one gather and one copy per buffer, of the used positions only
-        buf_k[:rows, :, :used] = buf_k[:, :, :used].index_select(0, index)
-        buf_v[:rows, :, :used] = buf_v[:, :, :used].index_select(0, index)
+        used = self.keys.shape[2]
+        if moved_from < rows:  # the used positions only; the gather copies before anything is overwritten
+            buf_k[moved_from:rows, :, :used] = buf_k[:, :, :used].index_select(0, index[moved_from:])
+            buf_v[moved_from:rows, :, :used] = buf_v[:, :, :used].index_select(0, index[moved_from:])
         self._buffers = (buf_k[:rows], buf_v[:rows])
         self.keys, self.values = buf_k[:rows, :, :used], buf_v[:rows, :, :used]
         self._views = (self.keys, self.values)
@@ -181,8 +182,9 @@ def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     if not joinable(cache):
         cache.reorder_cache(index)  # some layers hold no keys (linear attention)
         return
+    moved_from = next((j for j, i in enumerate(keep) if i != j), len(keep))  # rows before it stay in place
     for layer in cache.layers:
-        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(index):
+        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(index, len(keep), moved_from):
             continue
         keys, values = layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index)
         if isinstance(layer, GrowingLayer):

@@ -6,7 +6,7 @@ underscore, which readers skip: `_manifest.json`, written last, and the report i
 `_report/`. Files are written under a hidden temporary name and renamed into place,
 so a reader or a rerun only ever sees whole shards. A shard's file name holds its
 number and its fingerprint (content, batching and config), so a rerun finds what is
-committed from one listing of the directory (`runner.resume`). `output.dir` is a local path
+committed from one listing of the directory (`runner.store.resume`). `output.dir` is a local path
 or any URI that pyarrow's filesystems accept (file://, s3://, gs://).
 """
 
@@ -153,7 +153,7 @@ def write_shard(out: OutputDir, name: str, table: pa.Table, backoff_s: float = W
     On a local disk the file's bytes are flushed to the disk (fsync) before the rename and the
     directory after it, so a power loss leaves either no file or a whole one under the name.
     A failed write (a storage error, a dropped connection) is tried again with back-off;
-    the last failure is raised (the scheduler then retries the shard).
+    the last failure is raised (the pool then retries the shard).
     """
     from runner import faults
 

@@ -1,6 +1,6 @@
 """Greedy output of the engine equals generating each prompt alone.
 
-The engine (`runner.engine`) runs rows of very different lengths together: they are read in
+The engine (`runner.generation.engine`) runs rows of very different lengths together: they are read in
 groups of similar length, their KV caches joined left-padded, rows that end leave the running
 set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 20 prompts
 from the shared T0 mix, spread from the shortest to about 500 tokens, at most 7 running at

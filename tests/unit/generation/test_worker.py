@@ -33,7 +33,7 @@ def shard_task(shard_id, file_name, batches, ids, prompts, input_ids, carry) -> 
 
 
 def make_generator(model_dir, out_dir, quantization="none", chat_template="none", **gen) -> ShardGenerator:
-    """A worker without Ray, as the scheduler would build it."""
+    """A worker without Ray, as the pool would build it."""
     job = JobConfig(
         dataset=DatasetConfig(path="unused"),
         model=ModelConfig(name_or_path=model_dir, quantization=quantization, chat_template=chat_template),
