@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test test-slow test-all model lint format clean cluster-up cluster-down submit lock
+.PHONY: demo test test-slow test-all model lint format clean cluster-up cluster-down submit lock gpu-bundle gpu-check
 
 # constraints.txt pins every package to the versions `make test` last passed with (refresh: make lock).
 $(STAMP): pyproject.toml constraints.txt
@@ -48,6 +48,15 @@ cluster-down:
 
 submit: $(STAMP)  ## submit a job to the cluster: make submit ARGS="dataset.path=... output.dir=..."
 	RAY_AUTH_MODE=token $(BIN)/python jobs/submit.py $(ARGS)
+
+gpu-bundle: $(STAMP)  ## here: what the GPU check needs beside the tree (workload, tokenizer, wheels), into .gpu/
+	$(BIN)/python jobs/bench_gpu.py --bundle .gpu
+
+# On a CUDA machine that has torch, transformers, accelerate and pyarrow (no registry needed): copy the
+# tree with .gpu/ there, then `make gpu-check`. Writes outputs/gpu_check/gpu_check.json.
+gpu-check:  ## the GPU check: engine vs static batches vs generate_batch on an 8B-shaped model, and the gpu tests
+	python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/wheels/*.whl
+	PYTHONPATH=.gpu/site:. python3 jobs/bench_gpu.py --from .gpu
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -7,6 +7,9 @@
 #   cluster/local.sh down      stop both nodes
 #   cluster/local.sh kill-worker   SIGKILL the worker node's raylet (simulates losing that machine)
 #   cluster/local.sh add-worker    start one more worker node (simulates the autoscaler adding a machine)
+#   cluster/local.sh add-gpu-worker    start a node that advertises one GPU (Ray's `GPU` resource; no CUDA
+#                                      here: a GPU worker placed there reports that it finds none)
+#   cluster/local.sh stop-gpu-worker   stop that node
 #
 # Then, with the token authentication the cluster uses:
 #   export RAY_AUTH_MODE=token
@@ -93,6 +96,22 @@ PY
       --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources='{"added_node": 1}' --disable-usage-stats >/dev/null
     echo "added a worker node to 127.0.0.1:$PORT"
     ;;
+  add-gpu-worker)
+    ray_cli start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+      --dashboard-agent-listen-port="$((AGENT_PORT + 4))" \
+      --num-cpus=1 --num-gpus=1 --resources='{"gpu_node": 1}' --disable-usage-stats >/dev/null
+    echo "added a node with one GPU to 127.0.0.1:$PORT"
+    ;;
+  stop-gpu-worker)
+    pids="$(pgrep -f "raylet.*gpu_node" || true)"
+    [ -n "$pids" ] || { echo "no GPU node running" >&2; exit 1; }
+    kill -TERM $pids  # a clean stop: the head marks the node dead at once (a kill waits for missed heartbeats)
+    for _ in $(seq 60); do
+      ray_cli status --address="127.0.0.1:$PORT" 2>/dev/null | grep -q "/1.0 GPU" || break
+      sleep 0.5
+    done
+    echo "stopped the GPU node ($pids)"
+    ;;
   kill-worker)
     pids="$(worker_raylet_pids)"
     [ -n "$pids" ] || { echo "no worker node running" >&2; exit 1; }
@@ -100,7 +119,7 @@ PY
     echo "killed the worker node's raylet ($pids)"
     ;;
   *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

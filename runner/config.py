@@ -24,6 +24,8 @@ TOO_LONG = ("refuse", "truncate_left")
 ON_ROW_ERROR = ("write", "fail")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CHAT_TEMPLATE_MODES = ("auto", "none")
+DEVICES = ("auto", "cuda", "cpu")
+PLANNED_BATCH_ROWS = 128  # rows per planned batch when batching.max_batch_size is unset
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -75,7 +77,9 @@ class BatchingConfig:
     # Padded tokens (prompt + max_new_tokens, per returned sequence) in one batch. None: each
     # worker derives it from its device's free memory and the model's KV-cache size per token.
     max_batch_tokens: int | None = None
-    max_batch_size: int = 128
+    # Rows per planned batch, and the most the engine runs at once. None: batches of 128 rows; the
+    # engine runs 128 at once on the CPU, on a GPU as many as the memory budget holds (up to 1024).
+    max_batch_size: int | None = None
     shard_size: int = 1000
     # What one more forward pass costs, in prompt tokens: a batch's prompts are read in groups of
     # similar length, and another group is started only where it saves more padding than this.
@@ -96,6 +100,12 @@ class ClusterConfig:
     hang_timeout_s: float = 1800.0
     # Fail when no live node can hold even one worker for this long (the only node gone, no resources at all).
     resources_timeout_s: float = 60.0
+    # Which workers start: `cuda` GPU workers only (waiting up to resources_timeout_s for GPU nodes),
+    # `cpu` CPU workers only, `auto` GPU workers where the cluster has (or its autoscaler offers) GPUs,
+    # CPU workers otherwise, and GPU workers for GPU nodes that join later.
+    device: str = "auto"
+    # GPUs of one node a worker holds, its model spread over them (for models larger than one GPU).
+    gpus_per_worker: int = 1
 
 
 @dataclass
@@ -244,8 +254,8 @@ def _generation_problems(g: GenerationSettings) -> list[str]:
 
 def _batching_problems(b: BatchingConfig, g: GenerationSettings) -> list[str]:
     problems = []
-    if b.max_batch_size < 1:
-        problems.append(f"batching.max_batch_size={b.max_batch_size}: must be >= 1")
+    if b.max_batch_size is not None and b.max_batch_size < 1:
+        problems.append(f"batching.max_batch_size={b.max_batch_size}: must be >= 1, or null to size it from the device")
     if b.shard_size < 1:
         problems.append(f"batching.shard_size={b.shard_size}: must be >= 1")
     if b.sort_window < 1:
@@ -272,10 +282,24 @@ def _cluster_problems(c: ClusterConfig) -> list[str]:
         problems.append(f"cluster.num_workers={c.num_workers}: must be >= 1, or null for one per GPU/CPU slot")
     if c.cpus_per_worker is not None and c.cpus_per_worker < 1:
         problems.append(f"cluster.cpus_per_worker={c.cpus_per_worker}: must be >= 1, or null to fit the nodes")
+    if c.device not in DEVICES:
+        problems.append(f"cluster.device={c.device!r}: accepted values are {', '.join(DEVICES)}")
+    if c.gpus_per_worker < 1:
+        problems.append(f"cluster.gpus_per_worker={c.gpus_per_worker}: must be >= 1 (GPUs of one node per worker)")
+    if c.gpus_per_worker > 1 and c.device == "cpu":
+        problems.append(
+            f"cluster.gpus_per_worker={c.gpus_per_worker} with cluster.device=cpu: a CPU worker holds no GPU; "
+            "use cluster.device=cuda (or auto)"
+        )
     for key in ("hang_timeout_s", "resources_timeout_s"):
         if not getattr(c, key) > 0:
             problems.append(f"cluster.{key}={getattr(c, key)}: must be > 0 (seconds)")
     return problems
+
+
+def planned_batch_rows(b: BatchingConfig) -> int:
+    """Rows per planned batch: `batching.max_batch_size`, or 128 where it is unset."""
+    return b.max_batch_size or PLANNED_BATCH_ROWS
 
 
 def as_dict(job: JobConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import ModelConfig
+from runner.generation import Row
 
 from .figures import BatchRecord, SystemResult, completion_length, fixed_batches
 
@@ -169,6 +170,40 @@ def generate_batch(
         text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
         records.append(BatchRecord([row_id], [len(prompt)], len(prompt), [n], [text], row_steps=len(tokens)))
     return SystemResult("generate_batch", wall, records, notes=f"max_batch_tokens={max_batch_tokens}")
+
+
+def engine(ids: list[str], texts: list[str], model_path: str, quantization: str, max_new_tokens: int) -> SystemResult:
+    """The runner's engine alone, as a worker drives it (no Ray, no Parquet): the running set sized from
+    the memory budget, greedy, the model's own end-of-sequence ids."""
+    import torch
+
+    from runner.generation import Decoding, Engine, Limits, memory_budget, running_rows
+
+    started = time.perf_counter()
+    tokenizer, model = load(model_path, quantization)
+    device = str(model.device)
+    budget, note = memory_budget(model, device, 1, None)
+    eos = model.generation_config.eos_token_id
+    decoding = Decoding(
+        max_new_tokens=max_new_tokens,
+        eos_ids=frozenset(eos if isinstance(eos, list) else [eos]) - {None},
+        pad_id=tokenizer.pad_token_id,
+    )
+    limits = Limits(max_sequences=running_rows(None, device, budget), max_tokens=budget)
+    rows = [Row(k, ids[k], tokenizer(t, add_special_tokens=False).input_ids) for k, t in enumerate(texts)]
+    records = []
+    with torch.inference_mode():
+        for done in Engine(model, tokenizer, decoding, limits).generate(rows):
+            n = done.result.completion_tokens or 0
+            prompt = len(rows[done.key].input_ids)
+            records.append(
+                BatchRecord(
+                    [ids[done.key]], [prompt], done.padded_length, [n], [done.result.completion or ""],
+                    end_s=time.perf_counter() - started, row_steps=done.steps,
+                )
+            )  # fmt: skip
+    wall = time.perf_counter() - started
+    return SystemResult("engine", wall, records, notes=f"{limits.max_sequences} rows at most; {note}")
 
 
 class RayDataGenerator:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runner.cluster import placement
 from runner.config import ClusterConfig
 from runner.errors import ConfigError, JobFailedError, RowFailedError, last_line
 from runner.generation import ShardGenerator
@@ -23,49 +24,60 @@ from runner.tasks import Event, ShardDone, ShardRetried, ShardTask, TaskSource, 
 log = logging.getLogger(__name__)
 MAX_SHARD_ATTEMPTS = 3
 ERRORS_BEFORE_REPLACING = 2  # a worker whose shards raise this many times in a row is replaced
-DEFAULT_CPUS_PER_WORKER = 2  # CPU workers when cluster.cpus_per_worker is null, unless the nodes are smaller
 GROW_CHECK_S = 5.0  # how often the pool looks for new nodes to put workers on
 
 
 @dataclass
 class WorkerPlan:
     count: int
-    options: dict[str, Any]
-    threads: int | None
+    kind: placement.WorkerKind
     wanted: int = 0  # the slots the cluster had: more than `count` when the job has fewer shards
+    reason: str = ""  # why this device, in words
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.kind.options
 
 
-def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> WorkerPlan:
-    """How many actors, with which resources: one per GPU, or CPU slots when there is no GPU.
+def read_capacity(cluster: ClusterConfig) -> placement.Capacity:
+    """What the live nodes hold, and the GPUs the cluster's autoscaler may add (0 where it has none)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    offered = 0
+    try:  # the autoscaler's node types, as Ray Data reads them; a cluster without an autoscaler has none
+        from ray._private.state import state
+
+        offered = int((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception as e:  # a private API: its absence must not stop a job
+        log.debug("could not read the autoscaler's node types: %s", e)
+    return placement.Capacity(
+        node_gpus=tuple(int(n["Resources"].get("GPU", 0)) for n in nodes),
+        node_cpus=tuple(int(n["Resources"].get("CPU", 0)) for n in nodes),
+        offered_gpus=offered,
+        private=not cluster.address,
+    )
+
+
+def plan_workers(
+    cluster: ClusterConfig, num_shards: int | None = None, capacity: placement.Capacity | None = None
+) -> WorkerPlan:
+    """How many actors, of which kind: GPU workers (`cluster.gpus_per_worker` GPUs each) or CPU slots.
 
     Args:
         num_shards: the job's shard count when known: no more workers than shards are started.
+        capacity: the cluster's nodes (read from Ray when not given).
     """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        count = cluster.num_workers or gpus
-        if not cluster.address:  # a private local Ray never grows: no more workers than GPUs
-            count = min(count, gpus)
-        options = {"num_gpus": 1, "num_cpus": 1}
-        threads = None
+    capacity = capacity or read_capacity(cluster)
+    device, reason = placement.choose_device(cluster, capacity)
+    if device == "cuda":
+        problem = placement.spread_gpus(cluster, capacity)
+        if problem and capacity.private:
+            raise ConfigError([problem])
+        kind = placement.gpu_kind(cluster)
     else:
-        cpus = int(resources.get("CPU", 1))
-        per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        largest = max(per_node, default=cpus)
-        if cluster.cpus_per_worker and cluster.cpus_per_worker > largest:
-            raise ConfigError(
-                [
-                    f"cluster.cpus_per_worker={cluster.cpus_per_worker}: no node of the cluster has that many CPUs "
-                    f"(the largest has {largest}, {cpus} in all); lower it, or leave it null to fit the nodes"
-                ]
-            )
-        per_worker = cluster.cpus_per_worker or max(1, min(DEFAULT_CPUS_PER_WORKER, largest))
-        count = cluster.num_workers or max(1, cpus // per_worker)
-        options = {"num_cpus": per_worker}
-        threads = per_worker
+        kind = placement.cpu_kind(cluster, capacity)
+    count = placement.worker_count(cluster, kind, capacity)
     if num_shards is not None and num_shards < count:
         log.warning(
             "only %d shard(s) to run for %d worker slots: %d will sit idle; a smaller batching.shard_size "
@@ -74,7 +86,7 @@ def plan_workers(cluster: ClusterConfig, num_shards: int | None = None) -> Worke
             count,
             count - num_shards,
         )
-    return WorkerPlan(max(1, min(count, num_shards or count)), options, threads, count)
+    return WorkerPlan(max(1, min(count, num_shards or count)), kind, count, reason)
 
 
 class WorkerPool:
@@ -87,7 +99,8 @@ class WorkerPool:
     actors keep their model and only take the new settings.
     """
 
-    def __init__(self, setup: WorkerSetup, workers: WorkerPlan, start_timeout_s: float = 900.0):
+    def __init__(self, setup: WorkerSetup | None, workers: WorkerPlan, start_timeout_s: float = 900.0):
+        """Start `workers`; with no `setup` yet they only import the model code and wait for `begin`."""
         import ray
 
         self._ray = ray
@@ -96,7 +109,8 @@ class WorkerPool:
         self.start_timeout_s = start_timeout_s
         self.actor_class = ray.remote(ShardGenerator)
         self.next_index = 0
-        self.starting: dict[Any, Any] = {}  # ready() ref -> actor still loading its model
+        self.starting: dict[Any, Any] = {}  # load() ref -> actor still loading its model
+        self.warm: list[Any] = []  # actors started before the job's setup was known: no model loaded yet
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, ShardTask]] = {}  # stream -> (actor, task)
         self.configured: dict[int, WorkerSetup] = {}  # id(actor) -> the setup it holds
@@ -106,17 +120,42 @@ class WorkerPool:
         self.errors_in_a_row: dict[Any, int] = {}  # worker -> shards it raised on since its last success
         self.committed: set[Any] = set()  # streams whose shard file is committed (only their end is to come)
         self.no_room_since: float | None = None
+        self.kind_of: dict[Any, placement.WorkerKind] = {}  # worker -> the kind it was started as
+        self.gpu_unusable = False  # a GPU worker found no CUDA (cluster.device=auto): CPU workers from then on
+        log.info("%s: %d %s", workers.reason or "workers", workers.count, workers.kind.describe())
         for _ in range(workers.count):
             self._spawn()
+
+    def begin(self, setup: WorkerSetup, workers: WorkerPlan) -> None:
+        """Load the model on the warm workers (as many as `workers` asks for), starting any more it needs."""
+        self.setup, self.workers = setup, workers
+        keep, extra = self.warm[: workers.count], self.warm[workers.count :]
+        self.warm = []
+        for actor in extra:
+            self._retire(actor)
+        for actor in keep:
+            self._load(actor)
+        for _ in range(workers.count - len(keep)):
+            self._spawn()
+
+    @property
+    def begun(self) -> bool:
+        return self.setup is not None
 
     def _spawn(self) -> None:
         index = self.next_index
         self.next_index += 1
-        actor = self.actor_class.options(**self.workers.options, max_restarts=0).remote(
-            self.setup, index, self.workers.threads
-        )
+        kind = self.workers.kind
+        actor = self.actor_class.options(**kind.options, max_restarts=0).remote(None, index, kind.threads, kind.device)
+        self.kind_of[_key(actor)] = kind
+        if self.setup is None:
+            self.warm.append(actor)
+        else:
+            self._load(actor)
+
+    def _load(self, actor: Any) -> None:
         self.configured[id(actor)] = self.setup
-        self.starting[actor.ready.remote()] = actor
+        self.starting[actor.load.remote(self.setup)] = actor
 
     def run(
         self,
@@ -198,11 +237,20 @@ class WorkerPool:
         self.no_room_since = self.no_room_since or time.time()
         if time.time() - self.no_room_since >= timeout_s:
             have = [{k: n["Resources"].get(k, 0) for k in need} for n in nodes]
+            if self.workers.kind.device == "cuda":
+                fix = (
+                    f"add GPU nodes, raise cluster.resources_timeout_s while an autoscaler boots them, or set "
+                    f"cluster.device=cpu to run on CPUs (cluster.device={self.setup.job.cluster.device})"
+                )
+            else:
+                fix = (
+                    "add a node with those resources, lower cluster.cpus_per_worker, or raise "
+                    "cluster.resources_timeout_s where an autoscaler adds nodes"
+                )
             raise JobFailedError(
                 f"no live node of the cluster can hold a worker ({self.workers.options}) for "
-                f"{timeout_s:.0f}s: {len(nodes)} node(s) alive, with {have}. Add a node with those resources, "
-                "lower cluster.cpus_per_worker, or raise cluster.resources_timeout_s where an autoscaler "
-                "adds nodes; rerun the same command to go on from the committed shards"
+                f"{timeout_s:.0f}s: {len(nodes)} node(s) alive, with {have}. {fix[0].upper() + fix[1:]}; rerun the "
+                "same command to go on from the committed shards"
             )
 
     def _kill_hung(self, timeout_s: float, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
@@ -228,33 +276,106 @@ class WorkerPool:
         retry.append(task)
 
     def _follow_cluster(self) -> None:
-        """Start workers on resources that joined the cluster (a node added, the autoscaler)."""
-        if self.setup.job.cluster.num_workers or self.workers.count < self.workers.wanted:
+        """Start workers on resources that joined the cluster (a node added, the autoscaler).
+
+        Under `cluster.device=auto`, GPUs joining a job that runs on CPU workers get GPU workers,
+        and the CPU workers stop as they finish their shard.
+        """
+        cluster = self.setup.job.cluster
+        capacity = read_capacity(cluster)
+        if (
+            self.workers.kind.device == "cpu"
+            and cluster.device == "auto"
+            and not self.gpu_unusable
+            and placement.gpu_slots(cluster, capacity)
+        ):
+            self._switch_to_gpus(capacity)
+            return
+        if cluster.num_workers or self.workers.count < self.workers.wanted:
             return  # a fixed worker count, or a job with fewer shards than slots
         try:
-            target = plan_workers(self.setup.job.cluster).count
+            target = placement.worker_count(cluster, self.workers.kind, capacity)
         except ConfigError:
             return
-        have = len(self.idle) + len(self.running) + len(self.starting)
+        have = self._count(self.workers.kind)
         if target > have:
             log.warning("the cluster grew: starting %d more worker(s) (%d -> %d)", target - have, have, target)
             for _ in range(target - have):
                 self._spawn()
 
+    def _switch_to_gpus(self, capacity: placement.Capacity) -> None:
+        cluster = self.setup.job.cluster
+        kind = placement.gpu_kind(cluster)
+        count = placement.worker_count(cluster, kind, capacity)
+        log.warning(
+            "GPU node(s) joined (%d GPU(s)): starting %d GPU worker(s) (%s); the CPU workers stop after their "
+            "current shard",
+            capacity.gpus,
+            count,
+            kind.options,
+        )
+        self.workers = WorkerPlan(count, kind, count, "cluster.device=auto: GPUs joined")
+        for actor in [a for a in self.idle if self._device(a) != "cuda"]:
+            self.idle.remove(actor)
+            self._retire(actor)
+        for _ in range(count):
+            self._spawn()
+
+    def _back_to_cpus(self, error: str) -> None:
+        """A GPU worker found no usable CUDA under cluster.device=auto: go on with CPU workers."""
+        self.gpu_unusable = True
+        log.warning("a GPU worker cannot use its GPU (%s): going on with CPU workers (cluster.device=auto)", error)
+        for ref, actor in list(self.starting.items()):
+            if self._device(actor) == "cuda":
+                del self.starting[ref]
+                self._retire(actor)
+        cluster = self.setup.job.cluster
+        capacity = read_capacity(cluster)
+        kind = placement.cpu_kind(cluster, capacity)
+        count = placement.worker_count(cluster, kind, capacity)
+        self.workers = WorkerPlan(count, kind, count, "cluster.device=auto: no usable GPU")
+        for _ in range(max(0, count - self._count(kind))):
+            self._spawn()
+
+    def _count(self, kind: placement.WorkerKind) -> int:
+        """Workers of one kind (same device) started, idle or busy."""
+        actors = self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]
+        return sum(1 for a in actors if self._device(a) == kind.device)
+
+    def _device(self, actor: Any) -> str:
+        kind = self.kind_of.get(_key(actor))
+        return kind.device if kind else self.workers.kind.device
+
+    def _retire(self, actor: Any) -> None:
+        self._ray.kill(actor, no_restart=True)
+        self._forget(actor)
+
     def close(self) -> None:
-        for actor in self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
+        for actor in self.warm + self.idle + list(self.starting.values()) + [a for a, _ in self.running.values()]:
             self._ray.kill(actor)
-        self.idle, self.starting, self.running = [], {}, {}
+        self.warm, self.idle, self.starting, self.running = [], [], {}, {}
 
     def _on_started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)
+        ray = self._ray
         try:
-            info = self._ray.get(ref)
-        except self._ray.exceptions.RayActorError as e:
+            info = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             self.start_failures.append(last_line(e))
-            if "creation task" in str(e):  # the model failed to load: another try will not help
+            if "DeviceUnavailableError" in str(e):
+                self._retire(actor)
+                if self.setup.job.cluster.device == "auto":
+                    if not self.gpu_unusable:
+                        self._back_to_cpus(last_line(e))
+                    return
+                raise JobFailedError(f"a GPU worker cannot use its GPU (cluster.device=cuda): {last_line(e)}") from e
+            if isinstance(e, ray.exceptions.RayTaskError):  # the model failed to load: another try will not help
+                self._retire(actor)
+                raise JobFailedError(f"a worker could not load the model:\n{e.cause or e}") from e
+            if "creation task" in str(e):  # the worker process could not start its code
                 raise JobFailedError(f"a worker could not start:\n{e}") from e
             log.warning("a worker died while starting (%s); starting another", last_line(e))
+            self._forget(actor)
             self._spawn()
             return
         if self.setup.job.batching.max_batch_tokens is None:
@@ -272,8 +393,11 @@ class WorkerPool:
                 self.committed.add(stream)
             return
         except StopIteration:
-            self.idle.append(actor)
             self.errors_in_a_row.pop(_key(actor), None)
+            if self._device(actor) == self.workers.kind.device:
+                self.idle.append(actor)
+            else:  # a CPU worker once GPU workers have taken over
+                self._retire(actor)
         except ray.exceptions.RayActorError as e:  # the worker died (process killed, node lost)
             if stream not in self.committed:
                 self._retry(task, f"worker lost: {last_line(e)}", retry, attempts, on_event)
@@ -300,6 +424,7 @@ class WorkerPool:
     def _forget(self, actor: Any) -> None:
         """Drop what was kept about a worker that is gone."""
         self.errors_in_a_row.pop(_key(actor), None)
+        self.kind_of.pop(_key(actor), None)
         for workers in self.failed_on.values():
             workers.discard(_key(actor))
 

@@ -55,17 +55,34 @@ class Session:
         # The chunks are cut to the sort window, so a sweep over it prepares again.
         return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
 
+    def warm_workers(self, job: JobConfig, model_path: str) -> None:
+        """Start this job's workers now, while its first window is prepared: they import the model code
+        (seconds) but load no model until `workers` hands them the job (bad input loads none)."""
+        self.connect(job.cluster)
+        key = _key(asdict(job.model), model_path, asdict(job.cluster))
+        if self.pool is not None and self._pool_key == key:
+            return
+        self._close_pool()
+        self.pool, self._pool_key = WorkerPool(None, plan_workers(job.cluster)), key
+
     def workers(self, job: JobConfig, setup: WorkerSetup, num_tasks: int | None) -> WorkerPool:
         """A pool of workers holding this job's model: the previous job's when it is the same model."""
         self.connect(job.cluster)
         key = _key(asdict(job.model), setup.model_path, asdict(job.cluster))
         if self.pool is not None and self._pool_key != key:
-            self.pool.close()
-            self.pool = None
+            self._close_pool()
         if self.pool is None:
             self.pool, self._pool_key = WorkerPool(setup, plan_workers(job.cluster, num_tasks)), key
             self.pools_started += 1
+        elif not self.pool.begun:
+            self.pool.begin(setup, plan_workers(job.cluster, num_tasks))
+            self.pools_started += 1
         return self.pool
+
+    def _close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = self._pool_key = None
 
     def drop_workers(self) -> None:
         """Kill the pool's workers (a job failed mid-run): nothing it was running goes on into the next job."""

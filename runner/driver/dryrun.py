@@ -14,7 +14,7 @@ import numpy as np
 
 from runner import plan
 from runner.cluster import Session
-from runner.config import JobConfig
+from runner.config import JobConfig, planned_batch_rows
 from runner.driver.start import start
 from runner.driver.stream import JobStream, PlanStats
 
@@ -35,7 +35,7 @@ class DryRun:
             f"prompt:      {s.prompt_tokens} tokens, {s.prompt_tokens / max(s.rows, 1):.1f} per row"
             + (f"; {s.truncated} prompts cut from the left to fit the context" if s.truncated else ""),
             f"plan:        {s.batches} batches in {s.shards} shards (shard_size={b.shard_size}, "
-            f"max_batch_size={b.max_batch_size}), {s.windows} sort window(s) of {b.sort_window} rows",
+            f"max_batch_size={planned_batch_rows(b)}), {s.windows} sort window(s) of {b.sort_window} rows",
             f"padding:     prompt-side efficiency {s.padding_efficiency:.4f} sorted in windows"
             + (
                 f", {self.global_padding_efficiency:.4f} with one global sort (compared in {self.compare_s:.1f}s)"
@@ -77,7 +77,7 @@ def dry_run(job: JobConfig, compare_global: bool = False) -> DryRun:
             g.max_new_tokens,
             g.num_return_sequences,
             b.max_batch_tokens,
-            b.max_batch_size,
+            planned_batch_rows(b),
             b.shard_size,
         )
         global_eff = plan.padding_efficiency(whole, lengths, b.step_cost_tokens)

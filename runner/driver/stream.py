@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from runner import cluster, plan, store
-from runner.config import JobConfig
+from runner.config import JobConfig, planned_batch_rows
 from runner.errors import SHOW, ConfigError, listing
 from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, read_chunks, resolve_source
 from runner.secrets import redact
@@ -148,7 +148,7 @@ class JobStream:
             g.max_new_tokens,
             g.num_return_sequences,
             b.max_batch_tokens,
-            b.max_batch_size,
+            planned_batch_rows(b),
             b.shard_size,
             first_shard_id=len(self.shards),
             first_batch_id=self._next_batch,

@@ -7,7 +7,7 @@ start actors); the engine's names load torch when first used.
 from typing import Any
 
 from runner.generation.settings import build_generation_config
-from runner.generation.worker import ShardGenerator
+from runner.generation.worker import ShardGenerator, running_rows
 
 __all__ = [
     "Decoding",
@@ -17,7 +17,9 @@ __all__ = [
     "ShardGenerator",
     "build_generation_config",
     "load_model",
+    "memory_budget",
     "pick_device",
+    "running_rows",
 ]
 _LAZY = {
     "Decoding": "runner.generation.sampling",
@@ -25,6 +27,7 @@ _LAZY = {
     "Limits": "runner.generation.engine",
     "Row": "runner.generation.engine",
     "load_model": "runner.generation.model",
+    "memory_budget": "runner.generation.model",
     "pick_device": "runner.generation.model",
 }
 

@@ -45,6 +45,25 @@ def token_budget(free_bytes: int, shape: ModelShape) -> int:
     return max(MIN_BUDGET, int(free_bytes * HEADROOM) // per_token)
 
 
+def spread_token_budget(free_bytes: list[int], layers: list[int], shape: ModelShape) -> int:
+    """The budget of a worker whose model is spread over several GPUs (`cluster.gpus_per_worker`).
+
+    GPU i holds `layers[i]` decoder layers and so that share of every token's KV cache, and runs
+    a prefill's activations for its layers in turn: its tokens are
+    `free_i x HEADROOM / (kv per layer x layers[i] + activations)`. The worker's budget is the
+    smallest over its GPUs (every token is cached on all of them).
+    """
+    if len(free_bytes) != len(layers):
+        raise ValueError(f"free memory for {len(free_bytes)} GPU(s), layers for {len(layers)}")
+    kv_per_layer = kv_bytes_per_token(shape) // shape.layers
+    fits = [
+        int(free * HEADROOM) // (kv_per_layer * n + activation_bytes_per_token(shape))
+        for free, n in zip(free_bytes, layers)
+        if n
+    ]
+    return max(MIN_BUDGET, min(fits, default=MIN_BUDGET))
+
+
 def describe(free_bytes: int, shape: ModelShape) -> str:
     per_token = kv_bytes_per_token(shape) + activation_bytes_per_token(shape)
     return (

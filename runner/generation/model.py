@@ -9,18 +9,54 @@ from runner.config import ModelConfig
 from runner.input import quiet_transformers
 
 
-def pick_device() -> str:
+class DeviceUnavailableError(RuntimeError):
+    """A worker placed to use a GPU finds none torch can use."""
+
+
+def pick_device(kind: str = "auto") -> str:
+    """The worker's first device: `cuda` (Ray gave it GPUs: they must work), `cpu`, or `auto` (CUDA if any).
+
+    Raises:
+        DeviceUnavailableError: `kind` is cuda and torch sees no CUDA device.
+    """
     import torch
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda:0"
+    if kind == "cuda":
+        raise DeviceUnavailableError(
+            f"this worker was placed on GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) "
+            f"but torch {torch.__version__} sees no CUDA device (built for CUDA {torch.version.cuda}); install a "
+            "CUDA build of torch and check the node's driver (nvidia-smi)"
+        )
+    return "cpu"
+
+
+def import_model_code() -> None:
+    """Import what loading a tokenizer and a model imports on first use (seconds): a warm worker pays it early."""
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.tokenization_utils_tokenizers  # noqa: F401
+    import transformers.utils.type_validators  # noqa: F401
+
+    import runner.generation.engine  # noqa: F401
+
+
+def auto_dtype_name(device: str, capability: tuple[int, int] | None) -> str:
+    """`model.dtype=auto`: bfloat16 on GPUs of compute capability 8.0 or newer, float16 on older ones
+    (T4, V100 have no bfloat16), float32 on the CPU."""
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if capability is not None and tuple(capability) >= (8, 0) else "float16"
 
 
 def torch_dtype(name: str, device: str) -> Any:
-    """`auto` is bfloat16 on a GPU and float32 on the CPU."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
+        name = auto_dtype_name(device, capability)
     return getattr(torch, name)
 
 
@@ -40,22 +76,97 @@ def quantization_config(quantization: str, compute_dtype: Any) -> Any:
     )
 
 
-def load_model(path: str, model_cfg: ModelConfig, device: str) -> Any:
-    """Load the causal LM on `device`, quantized as configured, in eval mode."""
+def load_model(path: str, model_cfg: ModelConfig, device: str, gpus: int = 1) -> Any:
+    """Load the causal LM on `device` (spread over `gpus` GPUs from cuda:0), quantized as configured, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     dtype = torch_dtype(model_cfg.dtype, device)
+    placement: Any = device
+    if gpus > 1 and device.startswith("cuda"):
+        placement = spread_device_map(path, model_cfg, gpus)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
         quantization_config=quantization_config(model_cfg.quantization, dtype),
-        device_map=device,
+        device_map=placement,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
     )
     model.eval()
     return model
+
+
+def spread_device_map(path: str, model_cfg: ModelConfig, gpus: int) -> dict[str, int]:
+    """The device map that spreads the model's decoder layers evenly over `gpus` GPUs (see `layer_device_map`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    return layer_device_map(empty, gpus)
+
+
+def layer_device_map(model: Any, gpus: int) -> dict[str, int]:
+    """Decoder layers split evenly over GPUs 0..gpus-1 (so is their KV cache), in order; what comes before
+    the layers (embeddings) on GPU 0, what comes after (final norm, lm_head) on the last, except a head tied
+    to the input embeddings, which stays with them. Works on an empty (meta) model."""
+    layers_name, count = decoder_layers(model)
+    share = [count // gpus + (1 if i < count % gpus else 0) for i in range(gpus)]
+    placement: dict[str, int] = {}
+    layer = 0
+    for gpu, n in enumerate(share):
+        for _ in range(n):
+            placement[f"{layers_name}.{layer}"] = gpu
+            layer += 1
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, after in _around_layers(model, layers_name):
+        head = name == "lm_head" or name.endswith(".lm_head")
+        placement[name] = gpus - 1 if after and not (head and tied) else 0
+    return placement
+
+
+def decoder_layers(model: Any) -> tuple[str, int]:
+    """The name of the ModuleList that holds the decoder layers, and how many it holds."""
+    import torch
+
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    best: tuple[str, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in block_classes:
+            if best is None or len(module) > best[1]:
+                best = (name, len(module))
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found to spread over GPUs")
+    return best
+
+
+def _around_layers(model: Any, layers_name: str) -> list[tuple[str, bool]]:
+    """The other modules a device map must name: the siblings of each module on the path to the decoder
+    layers, each with whether it comes after that path in the model's order (the forward's order)."""
+    out: list[tuple[str, bool]] = []
+    module, prefix = model, ""
+    for part in layers_name.split("."):
+        after = False
+        for child_name, child in module.named_children():
+            if child_name == part:
+                after = True
+            elif any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+                out.append((prefix + child_name, after))
+        module, prefix = getattr(module, part), prefix + part + "."
+    return out
+
+
+def layers_per_device(device_map: dict[str, Any], layers_name: str) -> dict[Any, int]:
+    """How many decoder layers (and so how much of the KV cache) each device of a map holds."""
+    counts: dict[Any, int] = {}
+    for name, dev in device_map.items():
+        if name.startswith(layers_name + ".") and name[len(layers_name) + 1 :].isdigit():
+            counts[dev] = counts.get(dev, 0) + 1
+    return counts
 
 
 def model_shape(model: Any) -> Any:
@@ -75,6 +186,25 @@ def model_shape(model: Any) -> Any:
         intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
         dtype_bytes=dtype_bytes,
     )
+
+
+def memory_budget(model: Any, device: str, gpus: int, threads: int | None) -> tuple[int, str]:
+    """The worker's token budget and how it was reached, in words: over every GPU it holds."""
+    from runner.generation import budget
+
+    shape = model_shape(model)
+    if gpus == 1:
+        free = free_memory_bytes(device, threads)
+        return budget.token_budget(free, shape), budget.describe(free, shape)
+    import torch
+
+    layers_name, _ = decoder_layers(model)
+    held = layers_per_device(getattr(model, "hf_device_map", {}), layers_name)
+    free = [int(torch.cuda.mem_get_info(torch.device(f"cuda:{i}"))[0]) for i in range(gpus)]
+    layers = [held.get(i, 0) for i in range(gpus)]
+    tokens = budget.spread_token_budget(free, layers, shape)
+    shown = ", ".join(f"cuda:{i} {f / 2**30:.1f} GiB free for {n} layers" for i, (f, n) in enumerate(zip(free, layers)))
+    return tokens, f"{tokens} tokens per batch over {gpus} GPUs ({shown}; the tightest GPU sets it)"
 
 
 def free_memory_bytes(device: str, threads: int | None) -> int:

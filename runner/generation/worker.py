@@ -44,6 +44,21 @@ def worker_name(index: int) -> str:
     return f"{host}/{process}"
 
 
+DEFAULT_RUNNING_ROWS = 128  # batching.max_batch_size unset: rows running at once on the CPU
+GPU_RUNNING_ROWS_CAP = 1024  # ... and at most this many on a GPU, where the memory budget sizes it
+TOKENS_PER_RUNNING_ROW = 256  # the budget's tokens per row when it sizes the running set
+
+
+def running_rows(max_batch_size: int | None, device: str, budget_tokens: int) -> int:
+    """Rows the engine runs at once: `batching.max_batch_size` where set; unset, 128 on the CPU and on a GPU
+    the memory budget / 256 tokens, between 128 and 1024 (the token budget still binds first)."""
+    if max_batch_size:
+        return max_batch_size
+    if not device.startswith("cuda"):
+        return DEFAULT_RUNNING_ROWS
+    return max(DEFAULT_RUNNING_ROWS, min(GPU_RUNNING_ROWS_CAP, budget_tokens // TOKENS_PER_RUNNING_ROW))
+
+
 def gather(task: ShardTask, carry_schema: pa.Schema) -> pa.Table:
     """The shard's prepared rows in generation order, fetched from the object store where they are refs."""
     parts = list(task.parts)
@@ -59,43 +74,84 @@ def gather(task: ShardTask, carry_schema: pa.Schema) -> pa.Table:
 class ShardGenerator:
     """Loads the model once and generates shards with it."""
 
-    def __init__(self, setup: WorkerSetup, index: int = 0, threads: int | None = None):
+    def __init__(
+        self, setup: WorkerSetup | None = None, index: int = 0, threads: int | None = None, device: str = "auto"
+    ):
+        """Import the model code and pick the device; load the model now when `setup` is given, else on `load`.
+
+        The pool starts its workers without a setup while the first window is still being
+        prepared (the imports cost seconds), and loads the model once that window is sound:
+        bad input fails before any model loads.
+
+        Args:
+            device: `cuda` (the pool placed this worker on GPUs: they must work), `cpu`, or `auto`
+                (CUDA where torch sees it: benchmarks and the GPU check).
+
+        Raises:
+            DeviceUnavailableError: `device` is cuda and torch sees no CUDA device.
+        """
         import torch
 
-        from runner import input as input_lib
-        from runner.generation import budget
         from runner.generation import model as model_lib
-        from runner.generation.engine import Limits
 
         apply_submitted_env()  # a submitted job's credentials (object storage, the Hub), if any
         if threads:
             torch.set_num_threads(threads)
         self.name = worker_name(index)
-        self.device = model_lib.pick_device()
+        self.threads = threads
+        self.first_device = model_lib.pick_device(device)
+        model_lib.import_model_code()
+        self.device = self.first_device
+        self.setup: WorkerSetup | None = None
+        if setup is not None:
+            self.load(setup)
+
+    def load(self, setup: WorkerSetup) -> dict[str, Any]:
+        """Load the job's model (over `cluster.gpus_per_worker` GPUs on a GPU worker); what `ready` says.
+
+        Raises:
+            DeviceUnavailableError: the worker sees fewer CUDA devices than `cluster.gpus_per_worker`.
+        """
+        import torch
+
+        from runner import input as input_lib
+        from runner.generation import model as model_lib
+        from runner.generation.engine import Limits
+
+        first = self.first_device
+        gpus = setup.job.cluster.gpus_per_worker if first.startswith("cuda") else 1
+        if gpus > 1 and gpus > torch.cuda.device_count():
+            raise model_lib.DeviceUnavailableError(
+                f"cluster.gpus_per_worker={gpus}: this worker sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+        self.device = first if gpus == 1 else "cuda:" + ",".join(str(i) for i in range(gpus))
         path = input_lib.resolve_model_path(setup.model_path)
         self.tokenizer = input_lib.load_tokenizer(path, setup.job.model)
-        self.model = model_lib.load_model(path, setup.job.model, self.device)
-        free, shape = model_lib.free_memory_bytes(self.device, threads), model_lib.model_shape(self.model)
+        self.model = model_lib.load_model(path, setup.job.model, first, gpus)
         # What the running set may hold when the job sets no batching.max_batch_tokens; the engine
         # lowers it for good after an out-of-memory error (Limits.learned), across shards and sweep points.
-        self.memory_budget = budget.token_budget(free, shape)
-        self.memory_budget_note = budget.describe(free, shape)
+        self.memory_budget, self.memory_budget_note = model_lib.memory_budget(self.model, first, gpus, self.threads)
         self.limits = Limits(max_sequences=1)
         self.setup = setup
         self.configure(setup)
+        return self.ready()
 
     def configure(self, setup: WorkerSetup) -> None:
         """Take the settings of the next job (a sweep point) without reloading the model."""
         from runner.generation.engine import Engine
         from runner.generation.sampling import Decoding, unsupported_settings
 
+        if self.setup is None:
+            raise ValueError("configure() before load(): load the model first")
         if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
             raise ValueError("configure() cannot change the model; start a new worker for another model")
         self.setup = setup
         job = setup.job
         self.generation_config = build_generation_config(self.model.generation_config, job, self.tokenizer)
         b = job.batching
-        self.limits.max_sequences = b.max_batch_size * job.generation.num_return_sequences
+        self.limits.max_sequences = running_rows(b.max_batch_size, self.device, self.memory_budget) * (
+            job.generation.num_return_sequences
+        )
         self.limits.max_tokens = b.max_batch_tokens if b.max_batch_tokens is not None else self.memory_budget
         self.limits.step_cost_tokens = b.step_cost_tokens
         decoding = Decoding.from_generation_config(

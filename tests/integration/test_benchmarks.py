@@ -72,6 +72,21 @@ def test_the_engine_benchmark_counts_ops_outside_the_forward_apart_from_the_numb
     assert rows[32]["ending"]["ops_outside_forward"] <= 1.1 * rows[8]["ending"]["ops_outside_forward"]
 
 
+def test_the_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):
+    """`jobs/bench_gpu.py --device cpu --shape tiny`: the script itself (its gpu tests skip without CUDA)."""
+    args = ["jobs/bench_gpu.py", "--device", "cpu", "--shape", "tiny", "--n", "8", "--max-new-tokens", "16"]
+    result = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    systems = {(r["quantization"], r["system"]) for r in report["rows"]}
+    assert systems == {(q, s) for q in ("nf4", "none") for s in ("engine", "sorted", "generate_batch")}
+    assert all(r["rows"] == 8 and r["tokens_per_s"] > 0 for r in report["rows"])
+    assert report["gpu_tests"]["skipped"] == 3 and report["gpu_tests"]["failed"] == 0
+    assert "| nf4 | engine | 8 |" in result.stdout
+
+
 def test_spark_reads_a_run_as_the_readme_shows(tmp_path):
     pyspark = pytest.importorskip("pyspark", reason="make test-slow installs pyspark (the [spark] extra)")
     assert pyspark

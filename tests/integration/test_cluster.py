@@ -44,6 +44,10 @@ def loopback_package_race(log: str) -> bool:
     return "FAILED" in log and ("No such file or directory" in log or "no such file; check the path" in log)
 
 
+def start_job(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def workers_in(out) -> set[str]:
     return {w for f in out.glob("*.parquet") for w in pq.read_table(f, columns=["worker"]).column("worker").to_pylist()}
 
@@ -202,14 +206,7 @@ def test_a_worker_larger_than_any_node_is_refused_at_once(two_nodes, prompts, tm
 def test_a_node_added_mid_job_gets_a_worker(two_nodes, t0_rows, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in t0_rows if len(r["prompt"]) < 500][:48])
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=64"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_job(job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=64"))
     wait_for_files(out, 1, proc)
     added = local_cluster("add-worker")
     assert added.returncode == 0, added.stderr
@@ -220,16 +217,34 @@ def test_a_node_added_mid_job_gets_a_worker(two_nodes, t0_rows, tmp_path):
     assert len({w.split(":")[1].split("/")[0] for w in workers_in(out)}) == 3  # the new node generated shards too
 
 
+@pytest.mark.slow  # about 80 s: the switch to the GPU worker and back to CPU workers loads the model twice more
+def test_a_gpu_node_joining_a_job_on_cpu_workers_gets_a_gpu_worker(two_nodes, t0_rows, tmp_path):
+    """cluster.device=auto on CPU nodes: CPU workers; a node with a GPU joins mid-job and the pool asks for a
+    GPU worker (1 GPU, 1 CPU), which Ray places there. No CUDA exists here: that worker says it finds none,
+    and the job goes on on CPU workers without losing a row."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in t0_rows if len(r["prompt"]) < 500][:48])
+    out = tmp_path / "run"
+    proc = start_job(job_args(prompts, out, f"cluster.address={two_nodes}", "generation.max_new_tokens=64"))
+    try:
+        wait_for_files(out, 1, proc)
+        added = local_cluster("add-gpu-worker")
+        assert added.returncode == 0, added.stderr
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        local_cluster("stop-gpu-worker")
+    log = stdout + stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "no GPU in the cluster, CPU workers (GPU nodes that join later get GPU workers): 2 CPU workers" in log
+    assert "GPU node(s) joined (1 GPU(s)): starting 1 GPU worker(s) ({'num_gpus': 1, 'num_cpus': 1})" in log
+    assert "a GPU worker cannot use its GPU" in log and "sees no CUDA device" in log, log[-3000:]
+    assert_complete(out, expected_ids(prompts))
+
+
 # Last in the module: it takes the shared cluster's second node away.
 def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_job(
+        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1")
     )
     wait_for_files(out, 2, proc)
     killed = local_cluster("kill-worker")

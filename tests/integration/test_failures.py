@@ -148,3 +148,16 @@ def test_a_cluster_where_no_node_can_hold_a_worker_fails_within_a_minute(prompts
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_cuda_workers_wait_for_gpu_nodes_and_never_start_on_cpus(prompts, tmp_path):
+    """cluster.device=cuda on a cluster without GPUs: a GPU worker is asked for, none on the CPUs, then the
+    clear error once cluster.resources_timeout_s has passed."""
+    args = job_args(prompts, tmp_path / "run", "cluster.device=cuda", "cluster.resources_timeout_s=3")
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-3000:]
+    assert "cluster.device=cuda: GPU workers only: 1 GPU workers (1 GPU(s) each)" in log
+    assert "no live node of the cluster can hold a worker ({'num_gpus': 1, 'num_cpus': 1}) for 3s" in log
+    assert "set cluster.device=cpu to run on CPUs" in log and "Traceback" not in log
+    assert " on cpu: " not in log and not list((tmp_path / "run").glob("*.parquet"))  # no worker loaded a model

@@ -33,6 +33,8 @@ ELSEWHERE = [
     ("make test-slow", "Makefile", "pytest -m slow"),
     ("make lint", "Makefile", "ruff check"),
     ("make lock", "Makefile", "pip freeze --exclude-editable"),
+    ("make gpu-bundle", "Makefile", "jobs/bench_gpu.py --bundle .gpu"),  # downloads wheels
+    ("make gpu-check", "Makefile", "jobs/bench_gpu.py --from .gpu"),  # needs a CUDA GPU
     ("make cluster-up", "tests/integration/test_cluster.py", '"cluster/local.sh"'),
     ("make cluster-down", "tests/integration/test_cluster.py", 'local_cluster("down")'),
     ("export RAY_AUTH_MODE=token", "tests/integration/test_cluster.py", '"RAY_AUTH_MODE": "token"'),

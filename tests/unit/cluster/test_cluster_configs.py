@@ -15,14 +15,24 @@ REPO = Path(__file__).resolve().parents[3]
 register_configs()
 
 
-def check_job_command(command: str) -> None:
-    """The command is `python jobs/generate.py OVERRIDES` and the overrides compose into a valid job."""
+def check_job_command(command: str):
+    """The command is `python jobs/generate.py OVERRIDES`, the overrides compose into a valid job that joins
+    the cluster it runs on; returns that job."""
     words = shlex.split(command)
     assert words[:2] == ["python", "jobs/generate.py"] and (REPO / words[1]).exists()
-    assert "cluster.address=auto" in words
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=words[2:])
-    validate(to_job_config(cfg))
+    job = validate(to_job_config(cfg))
+    assert job.cluster.address == "auto"
+    return job
+
+
+def test_the_shipped_gpu_clusters_start_gpu_workers_only_and_wait_for_their_nodes():
+    spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
+    job = check_job_command(spec["spec"]["entrypoint"])
+    assert job.cluster.device == "cuda" and job.cluster.resources_timeout_s >= 600  # GPU pods take minutes to boot
+    usage = (REPO / "cluster" / "ray-up-aws-gpu.yaml").read_text()
+    assert "jobs/submit.py model=llama-3.1-8b-instruct cluster=ray-gpu" in usage
 
 
 def test_kuberay_rayjob_runs_the_real_job_command():

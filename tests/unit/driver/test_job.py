@@ -1,4 +1,4 @@
-"""Starting a job: bad input fails before any worker or model starts; a bad output dir before Ray starts."""
+"""Starting a job: bad input fails before any model loads; a bad output dir before Ray starts."""
 
 from __future__ import annotations
 
@@ -27,13 +27,29 @@ def forbid(monkeypatch, module, name):
     monkeypatch.setattr(module, name, forbidden)
 
 
+class WarmOnly:
+    """A pool that may start warm (its workers import the model code, load nothing), never be handed the job."""
+
+    def __init__(self, setup, workers, *args, **kwargs):
+        if setup is not None:
+            raise AssertionError("a worker pool was handed a job that should have been refused")
+        self.begun = False
+
+    def begin(self, *args, **kwargs):
+        raise AssertionError("warm workers were handed a job that should have been refused: a model would load")
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture()
 def no_workers(monkeypatch):
-    """Fail the test if a worker pool starts or model weights load (Ray may start: it prepares the input)."""
+    """Fail the test if workers get the job (and so load the model), or weights load here. Ray may start (it
+    prepares the input) and workers may start warm, as every job's do while its first window is prepared."""
     from runner.cluster import session
     from runner.generation import model
 
-    forbid(monkeypatch, session, "WorkerPool")
+    monkeypatch.setattr(session, "WorkerPool", WarmOnly)
     forbid(monkeypatch, model, "load_model")
 
 
