@@ -57,6 +57,8 @@ def generate(cfg: Any) -> int:
     except JobFailedError as e:
         print(f"error: the job failed: {mask_text(str(e))}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:  # a bug or an environment the runner did not foresee: one line, the details logged
+        unexpected(e)
     print("\n" + summary.describe())
     print_examples(summary.output_uri)
     query = f"SELECT id, finish_reason, completion FROM read_parquet('{summary.output_dir}/*.parquet')"
@@ -73,8 +75,43 @@ def plan(cfg: Any, compare_global: bool = False) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # as in generate()
+        unexpected(e)
     print(report.describe())
     return 0
+
+
+def unexpected(e: BaseException) -> None:
+    """End the process on an unforeseen error: one line naming it and where its traceback is, exit status 1.
+
+    The traceback goes to the job's log file (Hydra's `_generate.log`), not the terminal; the committed
+    shards stay, so rerunning the same command goes on from them.
+    """
+    from runner.errors import first_line
+    from runner.secrets import mask_text
+
+    where = None
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(
+                log.makeRecord(log.name, logging.ERROR, __file__, 0, "unexpected failure", (), sys.exc_info())
+            )
+            where = handler.baseFilename
+    if where is None:  # no log file (a plain Python caller): the traceback goes to a file of its own
+        import tempfile
+        import traceback
+
+        with tempfile.NamedTemporaryFile("w", prefix="runner-error-", suffix=".log", delete=False) as f:
+            f.write(mask_text("".join(traceback.format_exception(e))))
+            where = f.name
+    shown = f"{type(e).__name__}: {mask_text(first_line(e, 300))}"
+    detail = f"the traceback is in {where}"
+    print(
+        f"error: unexpected failure ({shown}); {detail}. Committed shards are kept: once the cause is fixed, "
+        "rerun the same command to go on from them (please report it if it looks like a bug)",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 def print_examples(output_dir: str, count: int = EXAMPLES) -> None:

@@ -308,9 +308,15 @@ def as_dict(job: JobConfig) -> dict[str, Any]:
 
 
 def result_affecting(job: JobConfig) -> dict[str, Any]:
-    """The parts of the config that change what a run writes (not where, not on which cluster)."""
+    """The parts of the config that change what a run writes (not where, not on which cluster).
+
+    `dataset.path` is left out: where the prompts are read from (a relative or an absolute path, a URI
+    with rotated credentials) is not what they are, and the shard fingerprints hash the rows' content.
+    """
     d = as_dict(job)
-    return {k: d[k] for k in ("dataset", "model", "generation", "batching")}
+    kept = {k: d[k] for k in ("dataset", "model", "generation", "batching")}
+    kept["dataset"] = {k: v for k, v in kept["dataset"].items() if k != "path"}
+    return kept
 
 
 def config_hash(job: JobConfig) -> str:

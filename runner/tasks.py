@@ -26,6 +26,7 @@ class WorkerSetup:
     config_hash: str
     carry_schema: pa.Schema
     file_metadata: dict[bytes, bytes]
+    model_revision: str = ""  # resolved once by the driver: a Hub commit, or local:<hash of the folder>
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ShardDone:
     generated_steps: int = 0
     started_at: float = 0.0  # epoch seconds
     ended_at: float = 0.0
+    ignored_settings: tuple[str, ...] = ()  # the model's own generation settings the engine did not apply
 
     def figures(self) -> dict[str, Any]:
         """What the manifest records of the file (rows and tokens; worker and times for the report)."""

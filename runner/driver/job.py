@@ -45,6 +45,14 @@ class RunSummary:
             f"throughput:  {t.tokens_per_s:.1f} generated tokens/s over {t.elapsed_s:.1f}s",
             f"padding:     prompt-side efficiency {t.prompt_padding_efficiency:.3f} "
             f"(plan {self.plan_padding_efficiency:.3f}), generation-side {t.generation_efficiency:.3f}",
+            *(
+                [
+                    f"not applied: {', '.join(sorted(t.ignored_settings))} (from the model's own generation "
+                    "config; the engine does not apply these)"
+                ]
+                if t.ignored_settings
+                else []
+            ),
             f"output:      {self.output_dir}",
             f"manifest:    {self.manifest_path}",
         ]
@@ -99,7 +107,7 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
 
 def _existing(st: JobStart) -> store.Existing:
     """What output.dir already holds of this job: shards to skip and, with retry_errors, rows to redo."""
-    existing = store.scan_existing(st.out, st.config_hash, st.job.output.overwrite)
+    existing = store.scan_existing(st.out, st.config_hash, st.job.output.overwrite, st.model_revision)
     if existing.files:
         log.warning("resuming: %d shard files already in %s are kept and skipped", len(existing.files), st.out.display)
     if st.job.output.retry_errors and existing.files:
@@ -124,7 +132,8 @@ def _generate(st: JobStart, stream: JobStream, bar: ProgressBar, session: Sessio
         run_id=st.run_id,
         config_hash=st.config_hash,
         carry_schema=stream.carry_schema,
-        file_metadata=store.file_metadata(as_dict(st.job), st.config_hash, st.run_id),
+        file_metadata=store.file_metadata(as_dict(st.job), st.config_hash, st.run_id, st.model_revision),
+        model_revision=st.model_revision,
     )
     known_shards = len(first) if stream.stats.prepared_s is not None else None  # the input ended in one window
     b = st.job.batching

@@ -27,6 +27,7 @@ class RunTotals:
     retries: int = 0
     retried: list[dict[str, Any]] = field(default_factory=list)  # which shard, why, when (epoch seconds)
     busy_s: dict[str, float] = field(default_factory=dict)
+    ignored_settings: set[str] = field(default_factory=set)  # model defaults the engine did not apply
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -66,6 +67,7 @@ class RunTotals:
             "prompt_padding_efficiency": round(self.prompt_padding_efficiency, 4),
             "generation_efficiency": round(self.generation_efficiency, 4),
             "worker_busy_s": {k: round(v, 3) for k, v in sorted(self.busy_s.items())},
+            "ignored_model_settings": sorted(self.ignored_settings),
         }
 
 
@@ -112,6 +114,7 @@ class ProgressBar:
             self._log_line()
         elif isinstance(event, ShardDone):
             t.shards += 1
+            t.ignored_settings.update(event.ignored_settings)
             self._sent.pop(event.shard_id, None)
             self.shard_files[event.file] = event.figures()
         elif isinstance(event, ShardRetried):

@@ -25,10 +25,28 @@ class JobStart:
     spec: input_lib.PrepareSpec
     config_hash: str
     run_id: str
+    model_revision: str  # what every worker loads: a Hub commit, or local:<hash of the folder>
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _refuse_overlap(source: input_lib.Source, out: store.OutputDir, job: JobConfig) -> None:
+    """Input files inside output.dir would be read back as results, and overwrite would delete them."""
+    if source.fs is None or type(source.fs) is not type(out.fs):
+        return
+    root = out.path.rstrip("/") + "/"
+    inside = [f.shown for f in source.files if f.path.startswith(root)]
+    if inside:
+        raise ConfigError(
+            [
+                f"dataset.path={job.dataset.path!r} and output.dir={store.open_output_dir(job.output.dir).display!r} "
+                f"overlap: the input file(s) {', '.join(inside[:3])} lie inside the output directory, where readers "
+                "of the results would read them as results (and output.overwrite would remove them). Move the "
+                "input out of it, or write to another output.dir"
+            ]
+        )
 
 
 def start(job: JobConfig, dry_run: bool = False) -> JobStart:
@@ -38,12 +56,14 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         ConfigError: anything wrong with the config, the input path, the output directory or the model.
     """
     validate(job)
-    input_lib.resolve_source(job.dataset)  # a wrong path fails here, before Ray or a model starts
+    source = input_lib.resolve_source(job.dataset)  # a wrong path fails here, before Ray or a model starts
     out = None
     if not dry_run:
         out = store.open_output_dir(job.output.dir)
+        _refuse_overlap(source, out, job)
         store.ensure_writable(out)
     model_path = input_lib.resolve_model_path(job.model.name_or_path)
+    revision = input_lib.resolve_revision(model_path, job.model)
     context = input_lib.context_length(model_path, job.model)
     if context and context - job.generation.max_new_tokens < 1:
         raise ConfigError(
@@ -54,4 +74,4 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         )
     reserved = frozenset(store.BASE_COLUMNS | {input_lib.TOKENS})
     spec = input_lib.PrepareSpec(job.dataset, model_path, job.model, job.generation.max_new_tokens, context, reserved)
-    return JobStart(job, out, model_path, spec, config_hash(job), new_run_id())
+    return JobStart(job, out, model_path, spec, config_hash(job), new_run_id(), revision)

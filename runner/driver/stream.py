@@ -257,8 +257,18 @@ class JobStream:
             if f.name not in self.carry_schema.names:
                 continue
             want = self.carry_schema.field(f.name).type
-            if f.type == want or pa.types.is_null(f.type) or pa.types.is_string(want):
+            nested = pa.types.is_nested(f.type)  # lists, objects: no text to carry them as
+            if f.type == want or pa.types.is_null(f.type) or (pa.types.is_string(want) and not nested):
                 continue
+            if nested and pa.types.is_string(want):
+                raise ConfigError(
+                    [
+                        f"{m.file}: column {f.name!r} holds {f.type} values from row {m.first_row} of the input on, "
+                        "but only nulls or text in its first rows, which fixed it as a text column; give its first "
+                        "rows a value of that shape, put those rows first, or drop the column"
+                    ],
+                    title=f"bad input in {redact(self.job.dataset.path)}",
+                )
             if pa.types.is_integer(f.type) and pa.types.is_floating(want):
                 continue
             raise ConfigError(

@@ -50,6 +50,7 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
     return {
         "model": setup.job.model.name_or_path,
         "quantization": setup.job.model.quantization,
+        "model_revision": setup.model_revision,
         "temperature": sampled["temperature"] if gen.do_sample else None,
         "top_p": sampled["top_p"] if gen.do_sample else None,
         "top_k": sampled["top_k"] if gen.do_sample else None,

@@ -59,6 +59,36 @@ def running_rows(max_batch_size: int | None, device: str, budget_tokens: int) ->
     return max(DEFAULT_RUNNING_ROWS, min(GPU_RUNNING_ROWS_CAP, budget_tokens // TOKENS_PER_RUNNING_ROW))
 
 
+class ModelChangedError(RuntimeError):
+    """The model a worker finds is not the revision the job resolved when it started."""
+
+
+def pinned(path: str, setup: WorkerSetup) -> Any:
+    """The model config a worker loads with: a Hub model at the commit the driver resolved, a local folder
+    checked against the hash the driver took (a replacement worker or a resumed run must not load newer
+    weights into the same output).
+
+    Raises:
+        ModelChangedError: the local folder's content changed since the job started.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from runner import input as input_lib
+
+    if not setup.model_revision:
+        return setup.job.model
+    if Path(path).is_dir():
+        found = input_lib.folder_revision(Path(path))
+        if found != setup.model_revision:
+            raise ModelChangedError(
+                f"{path}: the model folder changed since the job started (it was {setup.model_revision}, it is "
+                f"{found} on this node): every worker must load the same weights; rerun once the folder is final"
+            )
+        return setup.job.model
+    return dataclasses.replace(setup.job.model, revision=setup.model_revision)
+
+
 def gather(task: ShardTask, carry_schema: pa.Schema) -> pa.Table:
     """The shard's prepared rows in generation order, fetched from the object store where they are refs."""
     parts = list(task.parts)
@@ -126,8 +156,9 @@ class ShardGenerator:
             )
         self.device = first if gpus == 1 else "cuda:" + ",".join(str(i) for i in range(gpus))
         path = input_lib.resolve_model_path(setup.model_path)
-        self.tokenizer = input_lib.load_tokenizer(path, setup.job.model)
-        self.model = model_lib.load_model(path, setup.job.model, first, gpus)
+        model_cfg = pinned(path, setup)
+        self.tokenizer = input_lib.load_tokenizer(path, model_cfg)
+        self.model = model_lib.load_model(path, model_cfg, first, gpus)
         # What the running set may hold when the job sets no batching.max_batch_tokens; the engine
         # lowers it for good after an out-of-memory error (Limits.learned), across shards and sweep points.
         self.memory_budget, self.memory_budget_note = model_lib.memory_budget(self.model, first, gpus, self.threads)
@@ -157,9 +188,11 @@ class ShardGenerator:
         decoding = Decoding.from_generation_config(
             self.generation_config, job.generation.seed, job.generation.stop_strings
         )
-        ignored = unsupported_settings(self.generation_config)
-        if ignored:  # from the model's own generation_config.json: the engine does not apply them
-            log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, ignored)
+        # The job's own settings are all applied (the config schema has no others); these come from the
+        # model's generation_config.json. They are named in the log, the run's summary and its manifest.
+        self.ignored = tuple(unsupported_settings(self.generation_config))
+        if self.ignored:
+            log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, self.ignored)
         self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error)
         self.out = store.open_output_dir(job.output.dir)
         self.schema = store.output_schema(setup.carry_schema, setup.file_metadata)
@@ -197,6 +230,7 @@ class ShardGenerator:
             generated_steps=sum(f.steps for f in done.values()),
             started_at=started_at,
             ended_at=time.time(),
+            ignored_settings=self.ignored,
         )
 
     def _generate(

@@ -8,11 +8,13 @@ from runner.input.models import (
     COMPLETE_MARKER,
     cache_root,
     context_length,
+    folder_revision,
     is_complete_model_dir,
     load_tokenizer,
     prepare_embedded_model,
     quiet_transformers,
     resolve_model_path,
+    resolve_revision,
 )
 from runner.input.prepare import PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
 from runner.input.sources import RawChunk, Source, read_chunks
@@ -29,6 +31,7 @@ __all__ = [
     "Source",
     "cache_root",
     "context_length",
+    "folder_revision",
     "is_complete_model_dir",
     "load_tokenizer",
     "prepare_chunk",
@@ -37,4 +40,5 @@ __all__ = [
     "read_chunks",
     "resolve_source",
     "resolve_model_path",
+    "resolve_revision",
 ]

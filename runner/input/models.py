@@ -192,6 +192,55 @@ def context_length(path: str, model_cfg: ModelConfig) -> int | None:
     return getattr(text_config, "max_position_embeddings", None)
 
 
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf", ".model", ".jinja", ".txt", ".py")
+
+
+def resolve_revision(path: str, model_cfg: ModelConfig) -> str:
+    """What exactly the workers will load, resolved once per job: a Hub model's commit hash, or for a
+    local folder `local:` + a hash of its config files' bytes and its weight files' names and sizes.
+
+    Raises:
+        ConfigError: a Hub model whose revision can be resolved neither online nor from the local cache.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        return folder_revision(folder)
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        sha = HfApi().model_info(path, revision=model_cfg.revision).sha
+        if sha:
+            return sha
+    except Exception as e:  # offline, or the Hub refused: the local cache may still know the commit
+        log.debug("could not ask the Hub for %s's revision: %s", path, e)
+    try:
+        return Path(snapshot_download(path, revision=model_cfg.revision, local_files_only=True)).name
+    except Exception as e:  # huggingface_hub raises many types; the user needs one line
+        raise ConfigError(
+            [
+                f"model.name_or_path={path!r}, model.revision={model_cfg.revision!r}: the model's revision could "
+                f"be resolved neither on the Hub nor in the local cache ({type(e).__name__}: {first_line(e)}); "
+                "check the name and the network (HF_TOKEN for gated models), or download it to a folder"
+            ]
+        ) from e
+
+
+def folder_revision(folder: Path) -> str:
+    """A local model folder's content, in short: small files (config, tokenizer, index) by their bytes,
+    weight files by name and size (hashing gigabytes of weights would cost minutes)."""
+    digest = hashlib.sha256()
+    # The embedded model's completion marker records when and how fast this machine converted it: not content.
+    files = [
+        p for p in folder.iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and p.name != COMPLETE_MARKER
+    ]
+    for f in sorted(files):
+        size = f.stat().st_size
+        digest.update(f"{f.name}\0{size}\0".encode())
+        if f.suffix in (".json", ".jinja", ".txt", ".model", ".py") and size <= 64 << 20:
+            digest.update(f.read_bytes())
+    return "local:" + digest.hexdigest()[:16]
+
+
 def _local_context_length(path: str) -> int | None:
     """max_position_embeddings straight from a local folder's config.json (its text_config's, if it has one)."""
     try:

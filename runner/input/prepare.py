@@ -115,7 +115,9 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     except ConfigError as e:
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
-    truncated, too_long = fit_context(input_ids, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit))
+    truncated, too_long = fit_context(
+        input_ids, texts, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit)
+    )
     meta = ChunkMeta(
         rows=len(texts),
         lengths=np.fromiter((len(x) for x in input_ids), dtype=np.int32, count=len(input_ids)),
@@ -148,13 +150,18 @@ def _failed(chunk: Any, problems: list[str], title: str) -> ChunkMeta:
 
 
 def fit_context(
-    input_ids: list[list[int]], spec: PrepareSpec, cut: Callable[[int, int], list[int] | None]
+    input_ids: list[list[int]],
+    texts: list[str],
+    spec: PrepareSpec,
+    cut: Callable[[int, int], tuple[list[int], str] | None],
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Make every prompt leave room for max_new_tokens in the model's context window.
 
+    A cut row's ids and text (the `prompt` column) are replaced by the cut ones.
+
     Args:
         cut: (row, limit) -> the row's ids cut to `limit` from the left of the user's text (the
-            chat template's pieces kept), or None when that cannot be done.
+            chat template's pieces kept) and the text they stand for, or None when that cannot be done.
 
     Returns:
         Tokens cut from each prompt (all 0 unless dataset.too_long=truncate_left), and (row, tokens)
@@ -169,16 +176,19 @@ def fit_context(
         return truncated, too_long
     uncut = []
     for i, n in too_long:
-        shorter = cut(i, limit)
-        if shorter is None:
+        done = cut(i, limit)
+        if done is None:
             uncut.append((i, n))
             continue
+        shorter, texts[i] = done
         truncated[i] = n - len(shorter)
         input_ids[i] = shorter
     return truncated, uncut
 
 
-def _cut(texts: list[str], prompts: Any, tokenizer: Any, spec: PrepareSpec, row: int, limit: int) -> list[int] | None:
+def _cut(
+    texts: list[str], prompts: Any, tokenizer: Any, spec: PrepareSpec, row: int, limit: int
+) -> tuple[list[int], str] | None:
     add_special = prompts.messages is None and (
         spec.model.chat_template == "none" or not getattr(tokenizer, "chat_template", None)
     )

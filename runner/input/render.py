@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, first_line, listing
 from runner.input.rows import Prompts
 
 
@@ -46,7 +46,21 @@ def render(prompts: Prompts, tokenizer: Any, chat_template: str) -> tuple[list[s
             prefix, suffix = wrap
             return [prefix + p + suffix for p in prompts.prompts], False
         conversations = [[{"role": "user", "content": p}] for p in prompts.prompts]
-    texts = [_apply_template(tokenizer, c) for c in conversations]
+    texts, refused = [], []
+    for i, conversation in enumerate(conversations):
+        try:
+            texts.append(_apply_template(tokenizer, conversation))
+        except Exception as e:  # a template's own raise_exception (jinja2), or a bad message: the row is named
+            texts.append("")
+            refused.append(f"{prompts.ids[i]!r} ({type(e).__name__}: {first_line(e)})")
+    if refused:
+        raise ConfigError(
+            [
+                f"the chat template refused {len(refused)} row(s), by id: {listing(refused, 3)}. Fix those rows "
+                "(e.g. a template without a system role, or one that needs user and assistant turns to "
+                "alternate), or give a template that accepts them with model.chat_template=..."
+            ]
+        )
     return texts, False
 
 
@@ -62,7 +76,10 @@ def verbatim_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     concatenation instead of one template run each saves about a fifth of preparing them.
     None when the template does anything else with the text (then every prompt is rendered).
     """
-    rendered = [_apply_template(tokenizer, [{"role": "user", "content": p}]) for p in PROBES]
+    try:
+        rendered = [_apply_template(tokenizer, [{"role": "user", "content": p}]) for p in PROBES]
+    except Exception:  # a template that refuses a lone user turn: each row is rendered (and named) on its own
+        return None
     at = rendered[0].find(PROBES[0])
     if at < 0:
         return None
@@ -80,8 +97,9 @@ def user_text(prompts: Prompts, row: int) -> str:
     return users[-1] if users else prompts.messages[row][-1]["content"]
 
 
-def cut_user_text(tokenizer: Any, text: str, user: str, add_special: bool, limit: int) -> list[int] | None:
-    """Token ids of `text` cut to `limit` by dropping the start of the user's text inside it.
+def cut_user_text(tokenizer: Any, text: str, user: str, add_special: bool, limit: int) -> tuple[list[int], str] | None:
+    """Token ids of `text` cut to `limit` by dropping the start of the user's text inside it, and the text
+    they stand for (the kept end of the user's text as its kept tokens decode, inside the rest unchanged).
 
     What the chat template puts around the user's text (system prompt, role headers, the
     assistant turn) is kept whole, as are the tokenizer's own special tokens. None when the
@@ -99,7 +117,8 @@ def cut_user_text(tokenizer: Any, text: str, user: str, add_special: bool, limit
     if room < 1:
         return None
     middle = tokenize(tokenizer, [user], False)[0]
-    return head + middle[-room:] + tail
+    kept = tokenizer.decode(middle[-room:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return head + middle[-room:] + tail, text[:at] + kept + text[at + len(user) :]
 
 
 def render_and_tokenize(prompts: Prompts, tokenizer: Any, chat_template: str) -> tuple[list[str], list[list[int]]]:

@@ -61,7 +61,7 @@ def parse_chunk(chunk: Any) -> pa.Table:
         )
     try:
         return pa.Table.from_pylist(rows)
-    except (pa.ArrowException, TypeError, ValueError):
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
         raise ConfigError(_mixed_type_problems(rows, chunk), title=f"bad input in {chunk.file}") from None
 
 
@@ -73,6 +73,13 @@ def _mixed_type_problems(rows: list[dict], chunk: Any) -> list[str]:
         values = [r.get(name) for r in rows]
         try:
             pa.array(values)
+            continue
+        except OverflowError:
+            huge = [n for n, v in zip(chunk.line_numbers.tolist(), values) if isinstance(v, int) and abs(v) >= 2**63]
+            problems.append(
+                f"column {name!r} holds integers too large for 64 bits at lines {huge[:SHOW]} (in {chunk.file}); "
+                "write such numbers as strings"
+            )
             continue
         except (pa.ArrowException, TypeError, ValueError):
             pass

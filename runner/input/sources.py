@@ -4,8 +4,8 @@
 dataset name); `read_chunks` streams them as `RawChunk`s of at most `chunk_rows` rows,
 files in name order, never holding more than one read block: JSONL as raw lines (parsed
 where the chunk is prepared, in parallel, not on the driver), Parquet and CSV as Arrow
-record batches, JSON arrays and Hub datasets as slices of a table read whole. No Ray,
-no torch.
+record batches (CSV cells as the text they hold, never a guessed type), JSON arrays and
+Hub datasets as slices of a table read whole. No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -227,10 +227,7 @@ def _file_chunks(source: Source, chunk_rows: int) -> Iterator[RawChunk]:
                 with source.fs.open_input_file(f.path) as handle:
                     yield from _table_chunks(f, pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows))
             elif f.fmt == "csv":
-                import pyarrow.csv as pacsv
-
-                with source.fs.open_input_stream(f.path) as handle:
-                    yield from _table_chunks(f, pacsv.open_csv(handle), chunk_rows)
+                yield from _table_chunks(f, _csv_as_text(source.fs, f), chunk_rows)
             else:
                 yield from _table_chunks(f, [_read_json_array(source.fs, f)], chunk_rows)
         except ConfigError:
@@ -247,6 +244,18 @@ def _table_chunks(f: InputFile, batches: Any, chunk_rows: int | None = None) -> 
             piece = table.slice(start, chunk_rows or table.num_rows)
             yield RawChunk(f.shown, 0, piece.num_rows, table=piece, first_file_row=done)
             done += piece.num_rows
+
+
+def _csv_as_text(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.RecordBatch]:
+    """A CSV file's record batches, every column as the text its cells hold: `00123` stays `00123`, `1.10`
+    stays `1.10`, an empty cell is "" (no type is inferred, so no later block can contradict the first)."""
+    import pyarrow.csv as pacsv
+
+    with fs.open_input_stream(f.path) as handle:
+        names = pacsv.open_csv(handle).schema.names  # the header (and one block) only
+    text = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
+    with fs.open_input_stream(f.path) as handle:
+        yield from pacsv.open_csv(handle, convert_options=text)
 
 
 def _read_json_array(fs: pafs.FileSystem, f: InputFile) -> pa.Table:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LEASE = "_lease.json"
 SETTLE_S = 1.0  # object stores: how long to wait before reading back a lease just written
+STALE_FILE_S = 5.0  # a lease moved aside and not renewed for this long is removed
 
 
 @dataclass
@@ -101,7 +102,7 @@ def acquire(out: OutputDir, run_id: str, timeout_s: float) -> Lease:
         if theirs is None:  # released, being written, or left empty by a crash while it was created
             if _age_s(out) > timeout_s:
                 log.warning("taking over %s: its %s is unreadable and %.0fs old", out.display, LEASE, _age_s(out))
-                if _take_over(out, me):
+                if _take_over(out, me, None):
                     break
                 continue
             time.sleep(0.2)
@@ -117,13 +118,18 @@ def acquire(out: OutputDir, run_id: str, timeout_s: float) -> Lease:
                 title="output.dir is in use",
             )
         log.warning("taking over %s from a dead run (%s: %s)", out.display, describe(theirs), why_dead)
-        if _take_over(out, me):
+        if _take_over(out, me, theirs.get("lease_id")):
             break
     else:
         raise ConfigError([f"output.dir={out.display!r}: could not create {LEASE} there; check the directory"])
     if not isinstance(out.fs, pafs.LocalFileSystem):
         time.sleep(SETTLE_S)
     theirs = _read(out)
+    for _ in range(10):  # a rival's takeover may have moved our lease aside for a moment and is putting it back
+        if theirs is not None:
+            break
+        time.sleep(0.05)
+        theirs = _read(out)
     if theirs is None or theirs.get("lease_id") != me["lease_id"]:
         raise ConfigError(
             [f"output.dir={out.display!r}: another run took it at the same moment ({describe(theirs or {})})"],
@@ -177,19 +183,47 @@ def _age_s(out: OutputDir) -> float:
     return time.time() - info.mtime.timestamp()
 
 
-def _take_over(out: OutputDir, holder: dict[str, Any]) -> bool:
-    """Replace a dead run's lease; on local disks only one of several runs doing this at once wins."""
+def _take_over(out: OutputDir, holder: dict[str, Any], stale_id: str | None) -> bool:
+    """Replace the dead run's lease `stale_id` (None: an unreadable one); on local disks only one of several
+    runs doing this at once wins.
+
+    The stale file is renamed aside, then read: a rival that won meanwhile has put its own lease there,
+    and what was moved is then that live lease, which goes back (unless yet another lease is there).
+    """
     if not isinstance(out.fs, pafs.LocalFileSystem):
         _write(out, holder)
         return True
     path = out.join(LEASE)
+    moved = f"{path}.stale-{uuid.uuid4().hex[:8]}"
     try:  # one rename of the stale file succeeds; the winner then creates its own exclusively
-        os.replace(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
+        os.replace(path, moved)
     except FileNotFoundError:
-        pass
-    for stale in (p for p in os.listdir(out.path) if p.startswith(f"{LEASE}.stale-")):
+        moved = None
+    if moved is not None:
         try:
-            os.remove(os.path.join(out.path, stale))
+            with open(moved, "rb") as f:
+                found = json.loads(f.read().decode()).get("lease_id")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != stale_id:  # a live lease, taken over a moment ago by a rival: give it back
+            try:
+                os.link(moved, path)
+            except (FileExistsError, FileNotFoundError):
+                pass
+            try:
+                os.remove(moved)
+            except FileNotFoundError:
+                pass
+            return False
+        try:
+            os.remove(moved)  # the dead run's lease, moved aside by this run
+        except FileNotFoundError:
+            pass
+    for stale in (p for p in os.listdir(out.path) if p.startswith(f"{LEASE}.stale-")):
+        try:  # leases moved aside long ago; a live one a rival is putting back was renewed just now
+            full = os.path.join(out.path, stale)
+            if time.time() - os.stat(full).st_mtime > STALE_FILE_S:
+                os.remove(full)
         except OSError:
             pass
     return _create(out, holder)

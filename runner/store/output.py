@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, first_line
 from runner.secrets import mask_text, redact
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ META_CONFIG = b"runner.config"
 META_CONFIG_HASH = b"runner.config_hash"
 META_PLAN = b"runner.plan_fingerprint"
 META_RUN_ID = b"runner.run_id"
+META_MODEL_REVISION = b"runner.model_revision"
 META_TOTALS = b"runner.shard_totals"  # rows and token counts of the file, so a manifest needs no column reads
 
 BASE_FIELDS = [
@@ -51,6 +52,7 @@ BASE_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("model", pa.string(), nullable=False),
     pa.field("quantization", pa.string(), nullable=False),
+    pa.field("model_revision", pa.string(), nullable=False),
     pa.field("temperature", pa.float64()),
     pa.field("top_p", pa.float64()),
     pa.field("top_k", pa.int32()),
@@ -81,7 +83,7 @@ def output_schema(carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None =
     return pa.schema(BASE_FIELDS + list(carry_schema), metadata=metadata)
 
 
-def file_metadata(config: dict[str, Any], config_hash: str, run_id: str) -> dict[bytes, bytes]:
+def file_metadata(config: dict[str, Any], config_hash: str, run_id: str, model_revision: str) -> dict[bytes, bytes]:
     """Key-value metadata stored in each Parquet file (the resolved config, secrets redacted).
 
     Each file adds its shard's fingerprint (META_PLAN) and its totals (META_TOTALS).
@@ -90,6 +92,7 @@ def file_metadata(config: dict[str, Any], config_hash: str, run_id: str) -> dict
         META_CONFIG: json.dumps(redact(config), sort_keys=True, default=str).encode(),
         META_CONFIG_HASH: config_hash.encode(),
         META_RUN_ID: run_id.encode(),
+        META_MODEL_REVISION: model_revision.encode(),
     }
 
 
@@ -118,7 +121,7 @@ def open_output_dir(uri: str) -> OutputDir:
         else:
             fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise ConfigError([f"output.dir={redact(uri)!r}: not a usable path or URI ({e})"]) from e
+        raise ConfigError([f"output.dir={redact(uri)!r}: not a usable path or URI ({mask_text(first_line(e))})"]) from e
     return OutputDir(fs, path, uri)
 
 
@@ -133,7 +136,7 @@ def ensure_writable(out: OutputDir) -> None:
     except (OSError, pa.ArrowException) as e:
         raise ConfigError(
             [
-                f"output.dir={redact(out.uri)!r}: cannot write there ({e}); choose a writable "
+                f"output.dir={redact(out.uri)!r}: cannot write there ({mask_text(first_line(e))}); choose a writable "
                 "directory or fix its permissions"
             ]
         ) from e

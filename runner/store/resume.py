@@ -24,6 +24,7 @@ from runner.store.output import (
     LEGACY_MANIFEST,
     MANIFEST,
     META_CONFIG_HASH,
+    META_MODEL_REVISION,
     META_TOTALS,
     SHARD_NAME,
     OutputDir,
@@ -89,35 +90,61 @@ class Existing:
         )
 
 
-def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing:
+def written_here(out: OutputDir, info: pafs.FileInfo) -> bool:
+    """A data file this runner wrote: its name is a shard's, and its footer holds the run's config hash
+    (or it is a shard file cut short by a crash, which has no footer to read)."""
+    if not info.base_name.startswith("part-"):  # this layout's names, and older layouts' (part-00000-of-00001-...)
+        return False
+    if damaged(out, info):
+        return bool(SHARD_NAME.match(info.base_name))
+    try:
+        return META_CONFIG_HASH in read_file_metadata(out, info.path)
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        log.warning("%s: its footer could not be read (%s); it is left in place", info.base_name, e)
+        return False
+
+
+def scan_existing(out: OutputDir, config_hash: str, overwrite: bool, model_revision: str | None = None) -> Existing:
     """List `out` once: drop dead runs' temporaries, clear it (overwrite), or check what it holds is ours.
 
     Only one footer is read (the config hash of one file): what is committed comes from
     the file names, so resuming 10,000 shards on object storage costs one listing.
 
+    Args:
+        model_revision: what this job's workers load; results of another revision are refused
+            (None: not checked).
+
     Raises:
-        ConfigError: the directory holds another config's results, or files of an older layout.
+        ConfigError: the directory holds another config's (or model revision's) results, or files of an
+            older layout.
     """
     infos = list_all(out)
     for info in infos:
         if info.base_name.startswith(".") and ".tmp-" in info.base_name:
             out.fs.delete_file(info.path)
     data = [i for i in infos if is_data_file(i)]
-    if overwrite:
-        for info in data:
-            out.fs.delete_file(info.path)
-        for name in (MANIFEST, LEGACY_MANIFEST):
-            delete_if_exists(out, out.join(name))
-        return Existing({}, {})
-    foreign = [i.base_name for i in data if not SHARD_NAME.match(i.base_name)]
+    ours = {i.path for i in data if written_here(out, i)} if overwrite else set()
+    # Without overwrite, a shard-named file of another run is judged below (config hash, damage).
+    foreign = sorted(
+        i.base_name for i in data if i.path not in ours and (overwrite or not SHARD_NAME.match(i.base_name))
+    )
     if foreign:
         raise ConfigError(
             [
-                f"output.dir={redact(out.uri)!r} holds data files this runner did not plan ({listing(foreign, 3)}): "
-                "results of an older version or of another tool. Write "
-                "elsewhere with output.dir=..., or replace them with output.overwrite=true"
+                f"output.dir={redact(out.uri)!r} holds data files this runner did not write ({listing(foreign, 3)}): "
+                "another tool's files, or yours. Readers of the output would read them as results, and "
+                "output.overwrite removes only files this runner wrote: move them away, or write elsewhere "
+                "with output.dir=..."
             ]
         )
+    if overwrite:
+        for path in sorted(ours):
+            out.fs.delete_file(path)
+        for name in (MANIFEST, LEGACY_MANIFEST):
+            delete_if_exists(out, out.join(name))
+        if ours:
+            log.warning("output.overwrite: removed %d data file(s) of an earlier run", len(ours))
+        return Existing({}, {})
     broken = {i.base_name: problem for i in data if (problem := damaged(out, i))}
     whole = [i for i in data if i.base_name not in broken]
     if whole:
@@ -129,6 +156,17 @@ def scan_existing(out: OutputDir, config_hash: str, overwrite: bool) -> Existing
                     f"output.dir={redact(out.uri)!r} already holds results of another config (config hash "
                     f"mismatch: it has {theirs}, this job is {config_hash}, in {whole[0].base_name}); write "
                     "elsewhere with output.dir=..., or replace them with output.overwrite=true"
+                ]
+            )
+        recorded = meta.get(META_MODEL_REVISION, b"").decode()
+        if model_revision is not None and recorded != model_revision:
+            raise ConfigError(
+                [
+                    f"output.dir={redact(out.uri)!r} holds results of model revision "
+                    f"{recorded or '(none recorded: an older version of this runner)'} ({whole[0].base_name}); "
+                    f"the model resolves to {model_revision} now: it changed since that run, and the two must not "
+                    "mix in one output. Write elsewhere with output.dir=..., pin model.revision to the old commit, "
+                    "or generate everything again with output.overwrite=true"
                 ]
             )
     for info in data:  # our shards, cut short by a crash or a power loss: generated again

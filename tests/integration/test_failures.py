@@ -161,3 +161,19 @@ def test_cuda_workers_wait_for_gpu_nodes_and_never_start_on_cpus(prompts, tmp_pa
     assert "no live node of the cluster can hold a worker ({'num_gpus': 1, 'num_cpus': 1}) for 3s" in log
     assert "set cluster.device=cpu to run on CPUs" in log and "Traceback" not in log
     assert " on cpu: " not in log and not list((tmp_path / "run").glob("*.parquet"))  # no worker loaded a model
+
+
+def test_an_unforeseen_failure_ends_with_one_line_naming_it_and_the_log_never_a_traceback(prompts, tmp_path):
+    """A real fault the runner has no message for: the manifest's name is taken by a folder, so its
+    final write fails (IsADirectoryError). The shards stay committed; the traceback goes to the log file."""
+    out = tmp_path / "run"
+    (out / "_manifest.json").mkdir(parents=True)
+    result = subprocess.run(job_args(prompts, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = next(x for x in result.stderr.splitlines() if x.startswith("error: unexpected failure"))
+    assert "IsADirectoryError" in line and "_manifest.json" in line and "rerun the same command" in line
+    assert "Traceback" not in result.stdout + result.stderr
+    log_file = line.split("the traceback is in ")[1].split(". Committed")[0]
+    assert "Traceback" in open(log_file).read() and "IsADirectoryError" in open(log_file).read()
+    # every shard was committed before the manifest's write failed
+    assert sum(pq.read_table(f).num_rows for f in out.glob("part-*.parquet")) == len(expected_ids(prompts))

@@ -87,3 +87,6 @@ def test_config_hash_ignores_where_and_on_which_cluster():
     c = compose_job("generation.max_new_tokens=7")
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
+    # where the prompts are read from is not what they are (the shard fingerprints hash the rows themselves)
+    moved = compose_job("dataset.path='s3://rotated-key:new-secret@bucket/prompts/'")
+    assert config_hash(moved) == config_hash(a) != config_hash(compose_job("dataset.prompt_column=question"))

@@ -81,3 +81,18 @@ def test_unwritable_output_dir_is_refused_before_ray_starts(tmp_path, no_ray):
     job.output.dir = str(tmp_path / "blocker" / "out")
     with pytest.raises(ConfigError, match="cannot write there"):
         job_lib.run_job(job)
+
+
+def test_input_inside_the_output_dir_is_refused_before_ray_starts(tmp_path, no_ray):
+    """Readers of the output would read the prompts as results, and overwrite would have removed them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"prompt": ["hi"]}), out / "prompts.parquet")
+    job = make_job(tmp_path, [{"prompt": "hi"}], id_column=None)
+    job.dataset.path, job.output.dir, job.output.overwrite = str(out / "prompts.parquet"), str(out), True
+    with pytest.raises(ConfigError, match=r"overlap: the input file\(s\) .*prompts.parquet lie inside the output"):
+        job_lib.run_job(job)
+    assert (out / "prompts.parquet").exists()

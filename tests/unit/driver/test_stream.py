@@ -98,6 +98,13 @@ def test_bad_rows_in_a_later_window_are_named(tmp_path, embedded_model_dir, bad,
         list(s.windows())
 
 
+def test_a_column_of_nulls_then_lists_is_refused_before_a_worker_fails_on_it(tmp_path, embedded_model_dir):
+    rows = [dict(r, tags=None) for r in rows_of(12)] + [{"id": "x", "prompt": "p", "tags": ["a", "b"]}]
+    s = make_stream(tmp_path, embedded_model_dir, rows)
+    with pytest.raises(ConfigError, match=r"column 'tags' holds list<item: string> values from row 12 .*text column"):
+        list(s.windows())
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path, embedded_model_dir):
     s = make_stream(tmp_path, embedded_model_dir, rows_of(5))
     path = tmp_path / "in.jsonl"
@@ -126,6 +133,10 @@ def test_too_long_prompts_are_refused_or_cut_from_the_left_of_the_users_text(tmp
     tokenizer = load_tokenizer(embedded_model_dir, cut.job.model)
     assert set(tokenizer.decode(long[head:-6]).split()) == {"word"}  # what is left of the user's text
     assert cut.stats.truncated == 1
+    # `prompt` is the text the kept tokens stand for, not the whole of the user's text
+    prompt = by_id["long"]["prompt"]
+    assert 8000 < prompt.count("word") < 9000 and prompt.endswith("<|im_start|>assistant\n")
+    assert tokenizer(prompt, add_special_tokens=False).input_ids == long
 
 
 def test_the_feed_hands_out_tasks_then_raises_what_planning_raised():

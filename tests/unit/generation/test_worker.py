@@ -195,3 +195,48 @@ def test_redoing_error_rows_rewrites_exactly_those_sequences_in_the_committed_fi
             assert new["run_id"] == "run-2" and new["completion"] == clean["completion"]
         else:  # untouched
             assert new == old
+
+
+def test_workers_load_the_revision_the_job_resolved_and_refuse_a_changed_folder(tiny_llama_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from runner.generation.worker import ModelChangedError, pinned
+    from runner.input import folder_revision, resolve_revision
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    job = JobConfig(dataset=DatasetConfig(path="unused"), model=ModelConfig(name_or_path=str(folder)))
+    revision = resolve_revision(str(folder), job.model)
+    assert revision.startswith("local:") and revision == folder_revision(folder)
+    setup = WorkerSetup(job, str(folder), "run", "hash", pa.schema([]), {}, model_revision=revision)
+    assert pinned(str(folder), setup) is job.model
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))  # new weights' config
+    with pytest.raises(ModelChangedError, match="the model folder changed since the job started"):
+        pinned(str(folder), setup)
+    # a Hub model loads at the commit resolved once, whatever `main` points to when the worker starts
+    hub = dataclasses.replace(setup, model_path="org/model", model_revision="0123abcd" * 5)
+    assert pinned("org/model", hub).revision == "0123abcd" * 5
+
+
+def test_model_defaults_the_engine_does_not_apply_reach_the_summary_and_the_manifest(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from runner.driver.progress import ProgressBar
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    (tmp_path / "out").mkdir()
+    gen = make_generator(str(folder), tmp_path / "out")
+    assert gen.ignored == ("no_repeat_ngram_size=3",)
+    task = shard_task(
+        0, "part-0.parquet", [(0, 0, 1)], ["x"], ["hi"], [gen.tokenizer.encode("hi")], pa.table({"topic": ["t"]})
+    )
+    done = list(gen.run_shard(task))[-1]
+    assert isinstance(done, ShardDone) and done.ignored_settings == ("no_repeat_ngram_size=3",)
+    bar = ProgressBar(1, enabled=False)
+    bar(done)
+    assert bar.totals.as_dict()["ignored_model_settings"] == ["no_repeat_ngram_size=3"]  # the manifest's this_run

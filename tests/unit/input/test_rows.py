@@ -102,6 +102,12 @@ def test_blank_and_non_text_prompts_are_refused_with_their_ids(tmp_path):
     assert "1 rows are not text (NoneType; ids 'd')" in text
 
 
+def test_integers_beyond_64_bits_are_named_with_their_lines(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "n": 1}, {"prompt": "b", "n": 10**30}])
+    with pytest.raises(ConfigError, match=r"column 'n' holds integers too large for 64 bits at lines \[2\]"):
+        load_prompts(cfg(path))
+
+
 def test_numbers_as_prompts_are_not_text(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"qid": "a", "question": 3}, {"qid": "b", "question": 4}])
     with pytest.raises(ConfigError, match="2 rows are not text"):
@@ -135,6 +141,29 @@ def test_messages_column_checked_and_rendered_with_chat_template(tmp_path, embed
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": "not a list"}])
     with pytest.raises(ConfigError, match="not a non-empty list of"):
         load_prompts(DatasetConfig(path=str(bad), prompt_column=None, messages_column="messages"))
+
+
+def test_rows_a_chat_template_refuses_are_named_by_id_not_a_traceback(tmp_path, embedded_model_dir):
+    """Gemma's template raises "System role not supported", Mistral's wants roles to alternate."""
+    from runner.input import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    )
+    rows = [
+        {"id": "ok", "messages": [{"role": "user", "content": "Hi"}]},
+        {"id": "sys-1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "?"}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    dataset = DatasetConfig(path=str(path), prompt_column=None, messages_column="messages", id_column="id")
+    with pytest.raises(ConfigError, match=r"refused 1 row\(s\), by id: 'sys-1' \(TemplateError: System role not"):
+        render(load_prompts(dataset), tok, "auto")
+    # plain prompts through a template that refuses even a lone user turn: every row is named, no shortcut
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ConfigError, match=r"refused 2 row\(s\).*must alternate"):
+        render(Prompts(["a", "b"], ["x", "y"], None, pa.table({})), tok, "auto")
 
 
 def test_plain_prompts_become_one_user_turn_or_stay_raw(tmp_path, embedded_model_dir):

@@ -107,3 +107,22 @@ def test_uri_globs_match_like_local_globs(tmp_path):
     write_jsonl(tmp_path / "sub" / "deep.jsonl", [{"id": "d"}])
     assert ids_read(f"file://{tmp_path}/*.jsonl") == ["t"]  # `*` does not cross folders
     assert ids_read(f"file://{tmp_path}/**/*.jsonl") == ids_read(f"{tmp_path}/**/*.jsonl") == ["d", "t"]
+
+
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
+    """Ids with leading zeros stay the user's keys, decimals keep their digits, empty cells stay "", and a
+    later block holding text where the first held numbers reads on (no type is guessed from the first block)."""
+    lines = ["id,score,note,prompt", "00123,1.10,,hello", "00456,2.50,NA,hi", "00789,3.00,x,hey"]
+    lines += [f"{k:05d},{k}.0,,p{k}" for k in range(1000, 70000)]  # over 1 MiB: more than one read block
+    lines += ["ABC-1,n/a,late text,last"]
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DatasetConfig(path=str(path), id_column="id")
+    chunks = list(sources.read_chunks(sources.resolve(cfg), cfg, 1000))
+    assert all(c.table.schema.field(n).type == pa.string() for c in chunks for n in c.table.column_names)
+    rows = [r for c in chunks for r in c.table.to_pylist()]
+    assert [r["id"] for r in rows[:3]] == ["00123", "00456", "00789"]
+    assert [r["score"] for r in rows[:3]] == ["1.10", "2.50", "3.00"]
+    assert [r["note"] for r in rows[:3]] == ["", "NA", "x"]
+    assert rows[-1] == {"id": "ABC-1", "score": "n/a", "note": "late text", "prompt": "last"}
+    assert len(rows) == 69004 and [r["id"] for c in chunks for r in parse_chunk(c).to_pylist()][:1] == ["00123"]

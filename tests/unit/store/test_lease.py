@@ -69,3 +69,42 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(tmp_path):
         held.check()
     held.release()
     assert json.loads((tmp_path / "_lease.json").read_text())["run_id"] == "run-B"  # not ours: left alone
+
+
+def _race(path: str, barrier, done, results) -> None:
+    out = output.open_output_dir(path)
+    barrier.wait()
+    try:
+        lease.acquire(out, f"run-{os.getpid()}", timeout_s=60)
+        results.put("won")
+    except ConfigError:
+        results.put("refused")
+    results.close()
+    results.join_thread()  # the answer is sent before the process ends
+    done.wait()  # a winner stays alive until both have tried: a lease of a process that is gone is fair game
+    os._exit(0)  # holding it, as a run would (its heartbeat dies with it)
+
+
+def test_two_processes_taking_over_one_dead_lease_never_both_win(tmp_path):
+    """Both read the dead run's lease, both rename it aside and create their own: exactly one holds it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    stale = {"lease_id": "dead", "run_id": "killed", "host": "elsewhere", "pid": 1, "renewed_at": time.time() - 600}
+    outcomes = []
+    for _ in range(40):
+        for p in tmp_path.iterdir():
+            p.unlink()
+        (tmp_path / "_lease.json").write_text(json.dumps(stale))
+        barrier, done, results = ctx.Barrier(2), ctx.Barrier(2), ctx.Queue()
+        racers = [ctx.Process(target=_race, args=(str(tmp_path), barrier, done, results)) for _ in range(2)]
+        for r in racers:
+            r.start()
+        for r in racers:
+            r.join(timeout=30)
+        got = sorted(results.get(timeout=5) for _ in racers)
+        holder = json.loads((tmp_path / "_lease.json").read_text())
+        assert got.count("won") <= 1, got
+        assert holder["lease_id"] != "dead"  # the dead run's lease is gone whatever happened
+        outcomes.append(got)
+    assert sum(g == ["refused", "won"] for g in outcomes) >= 35, outcomes  # nearly always one wins (never two)

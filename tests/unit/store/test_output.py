@@ -22,6 +22,7 @@ DESIGN_COLUMNS = {
     "finish_reason": pa.string(),
     "model": pa.string(),
     "quantization": pa.string(),
+    "model_revision": pa.string(),
     "temperature": pa.float64(),
     "top_p": pa.float64(),
     "top_k": pa.int32(),
@@ -52,7 +53,7 @@ def test_schema_has_every_design_column_with_its_type_then_carried_columns():
 
 
 def one_row_table(config_hash="h", plan="p") -> pa.Table:
-    schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, "run"))
+    schema = output.output_schema(pa.schema([]), output.file_metadata({"a": 1}, config_hash, "run", "rev-1"))
     row = {f.name: None for f in schema}
     row.update(
         id="x",
@@ -63,6 +64,7 @@ def one_row_table(config_hash="h", plan="p") -> pa.Table:
         finish_reason="stop",
         model="m",
         quantization="nf4",
+        model_revision="rev-1",
         do_sample=False,
         max_new_tokens=1,
         seed=0,
@@ -132,8 +134,26 @@ def test_files_cut_short_by_a_power_loss_are_reported_and_their_shards_redone(tm
 def test_files_of_an_older_layout_are_not_mixed_with_new_ones(tmp_path):
     out = output.open_output_dir(str(tmp_path))
     output.write_shard(out, "part-00000-of-00001-abcd1234.parquet", one_row_table("old", "p"))
-    with pytest.raises(ConfigError, match="did not plan.*part-00000-of-00001"):
+    with pytest.raises(ConfigError, match="did not write.*part-00000-of-00001"):
         resume.scan_existing(out, "old", overwrite=False)
+    assert resume.scan_existing(out, "new", overwrite=True).files == {}  # this runner wrote it: overwrite removes it
+    assert output.list_data_files(out) == []
+
+
+def test_overwrite_removes_only_what_this_runner_wrote_and_refuses_before_removing_anything(tmp_path):
+    out = output.open_output_dir(str(tmp_path))
+    ours = output.shard_file_name(0, "ab" * 8)
+    output.write_shard(out, ours, one_row_table("old", "p"))
+    pq.write_table(pa.table({"prompt": ["the user's own prompts"]}), tmp_path / "prompts.parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / output.shard_file_name(1, "cd" * 8))  # our name, not our file
+    with pytest.raises(ConfigError, match=r"did not write \(part-000001-cdcd.*prompts.parquet\).*move them away"):
+        resume.scan_existing(out, "new", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ours, "prompts.parquet", output.shard_file_name(1, "cd" * 8)]
+    )
+    (tmp_path / "prompts.parquet").unlink()
+    (tmp_path / output.shard_file_name(1, "cd" * 8)).unlink()
+    assert resume.scan_existing(out, "new", overwrite=True).files == {} and list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_output_dir_is_a_config_error(tmp_path):
@@ -188,3 +208,13 @@ def test_a_write_that_fails_twice_is_tried_again_and_lands_once(tmp_path, monkey
     finally:
         monkeypatch.delenv(faults.ENV)
         faults._faults.cache_clear()
+
+
+def test_results_of_another_model_revision_are_refused(tmp_path):
+    """A rerun whose model resolves to another commit (or a changed folder) must not mix two models' rows."""
+    out = output.open_output_dir(str(tmp_path))
+    output.write_shard(out, output.shard_file_name(0, "ab" * 8), one_row_table("h", "p"))
+    assert resume.scan_existing(out, "h", overwrite=False, model_revision="rev-1").files  # the same: resumes
+    with pytest.raises(ConfigError, match=r"model revision rev-1 .*resolves to rev-2 now.*model.revision"):
+        resume.scan_existing(out, "h", overwrite=False, model_revision="rev-2")
+    assert resume.scan_existing(out, "h", overwrite=True, model_revision="rev-2").files == {}
