@@ -87,22 +87,23 @@ def unexpected(e: BaseException) -> None:
     The traceback goes to the job's log file (Hydra's `_generate.log`), not the terminal; the committed
     shards stay, so rerunning the same command goes on from them.
     """
+    import traceback
+
     from runner.errors import first_line
     from runner.secrets import mask_text
 
+    trace = mask_text("".join(traceback.format_exception(e)))  # credentials in URIs masked, as everywhere
     where = None
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.handle(
-                log.makeRecord(log.name, logging.ERROR, __file__, 0, "unexpected failure", (), sys.exc_info())
-            )
+            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "unexpected failure\n%s", (trace,), None)
+            handler.handle(record)
             where = handler.baseFilename
     if where is None:  # no log file (a plain Python caller): the traceback goes to a file of its own
         import tempfile
-        import traceback
 
         with tempfile.NamedTemporaryFile("w", prefix="runner-error-", suffix=".log", delete=False) as f:
-            f.write(mask_text("".join(traceback.format_exception(e))))
+            f.write(trace)
             where = f.name
     shown = f"{type(e).__name__}: {mask_text(first_line(e, 300))}"
     detail = f"the traceback is in {where}"

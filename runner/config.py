@@ -316,6 +316,9 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     d = as_dict(job)
     kept = {k: d[k] for k in ("dataset", "model", "generation", "batching")}
     kept["dataset"] = {k: v for k, v in kept["dataset"].items() if k != "path"}
+    # The model's revision as written (null, a branch, a commit) is not what it resolves to: the resolved
+    # revision is recorded in every file and checked on its own (runner.store.resume).
+    kept["model"] = {k: v for k, v in kept["model"].items() if k != "revision"}
     return kept
 
 

@@ -74,6 +74,8 @@ def plan_workers(
         problem = placement.spread_gpus(cluster, capacity)
         if problem and capacity.private:
             raise ConfigError([problem])
+        if problem:  # a cluster may still add such a node
+            log.warning("%s; waiting for a node that has", problem)
         kind = placement.gpu_kind(cluster)
     else:
         kind = placement.cpu_kind(cluster, capacity)
@@ -122,14 +124,23 @@ class WorkerPool:
         self.no_room_since: float | None = None
         self.kind_of: dict[Any, placement.WorkerKind] = {}  # worker -> the kind it was started as
         self.gpu_unusable = False  # a GPU worker found no CUDA (cluster.device=auto): CPU workers from then on
-        log.info("%s: %d %s", workers.reason or "workers", workers.count, workers.kind.describe())
+        self.gpu_loaded = False  # some GPU worker loaded its model: the GPUs work
+        if setup is not None:
+            self._say_plan()
         for _ in range(workers.count):
             self._spawn()
+
+    def _say_plan(self) -> None:
+        w = self.workers
+        log.info("%s: %d %s", w.reason or "workers", w.count, w.kind.describe())
 
     def begin(self, setup: WorkerSetup, workers: WorkerPlan) -> None:
         """Load the model on the warm workers (as many as `workers` asks for), starting any more it needs."""
         self.setup, self.workers = setup, workers
-        keep, extra = self.warm[: workers.count], self.warm[workers.count :]
+        self._say_plan()
+        same = [a for a in self.warm if self.kind_of.get(_key(a)) == workers.kind]  # the cluster may have changed
+        keep = same[: workers.count]
+        extra = [a for a in self.warm if a not in keep]
         self.warm = []
         for actor in extra:
             self._retire(actor)
@@ -261,12 +272,14 @@ class WorkerPool:
                 continue
             del self.running[stream]
             self._ray.kill(actor, no_restart=True)
+            current = self._device(actor) == self.workers.kind.device
             self._forget(actor)
             error = f"no progress for {now - self.last_heard.pop(stream):.0f}s (cluster.hang_timeout_s): worker killed"
             if stream not in self.committed:
                 self._retry(task, error, retry, attempts, on_event)
             self.committed.discard(stream)
-            self._spawn()
+            if current:  # a worker of a kind the job no longer starts (CPU after GPUs joined) is not replaced
+                self._spawn()
 
     def _retry(self, task: ShardTask, error: str, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
         if attempts[task.shard_id] >= MAX_SHARD_ATTEMPTS:
@@ -364,6 +377,9 @@ class WorkerPool:
             self.start_failures.append(last_line(e))
             if "DeviceUnavailableError" in str(e):
                 self._retire(actor)
+                if self.gpu_loaded:  # other GPU workers run: only this one's GPU (node) is broken
+                    log.warning("a GPU worker cannot use its GPU (%s): it is dropped; the others go on", last_line(e))
+                    return
                 if self.setup.job.cluster.device == "auto":
                     if not self.gpu_unusable:
                         self._back_to_cpus(last_line(e))
@@ -380,6 +396,7 @@ class WorkerPool:
             return
         if self.setup.job.batching.max_batch_tokens is None:
             log.info("worker %s on %s: %s", info["worker"], info["device"], info["token_budget"])
+        self.gpu_loaded = self.gpu_loaded or self._device(actor) == "cuda"
         self.idle.append(actor)
 
     def _on_stream(self, stream: Any, retry: deque, attempts: dict[int, int], on_event: Callable) -> None:
@@ -401,8 +418,10 @@ class WorkerPool:
         except ray.exceptions.RayActorError as e:  # the worker died (process killed, node lost)
             if stream not in self.committed:
                 self._retry(task, f"worker lost: {last_line(e)}", retry, attempts, on_event)
+            current = self._device(actor) == self.workers.kind.device
             self._forget(actor)
-            self._spawn()
+            if current:
+                self._spawn()
         except ray.exceptions.RayTaskError as e:  # the shard raised; the worker lives on
             if isinstance(e.cause, RowFailedError):  # on_row_error=fail: the user asked for the job to stop
                 raise JobFailedError(f"shard {task.shard_id}: {e.cause} (output.on_row_error=fail)") from e
@@ -410,13 +429,16 @@ class WorkerPool:
                 self.failed_on.setdefault(task.shard_id, set()).add(_key(actor))
                 self._retry(task, f"{type(e.cause).__name__}: {last_line(e.cause or e)}", retry, attempts, on_event)
             self.errors_in_a_row[_key(actor)] = self.errors_in_a_row.get(_key(actor), 0) + 1
+            current = self._device(actor) == self.workers.kind.device
             if self.errors_in_a_row[_key(actor)] >= ERRORS_BEFORE_REPLACING:  # a broken worker (device state)
                 log.warning("a worker failed %d shards in a row: replacing it", ERRORS_BEFORE_REPLACING)
-                self._ray.kill(actor, no_restart=True)
-                self._forget(actor)
-                self._spawn()
-            else:
+                self._retire(actor)
+                if current:
+                    self._spawn()
+            elif current:
                 self.idle.append(actor)
+            else:
+                self._retire(actor)
         del self.running[stream]
         self.last_heard.pop(stream, None)
         self.committed.discard(stream)

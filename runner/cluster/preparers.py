@@ -32,7 +32,11 @@ def prepare_on_cluster(
     import ray
 
     count = min(MAX_PREPARERS, max(1, int(ray.cluster_resources().get("CPU", 1))))
-    preparer = ray.remote(ChunkPreparer).options(num_cpus=0, scheduling_strategy="SPREAD")
+    # A preparer whose node is lost is started again elsewhere and its chunks prepared again (they are
+    # deterministic): without restarts a lost node ended the job with a raw traceback.
+    preparer = ray.remote(ChunkPreparer).options(
+        num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1
+    )
     actors: list[Any] = []  # started as chunks come: an input of one chunk starts one preparer, not one per CPU
     pending: deque = deque()
     sent = 0

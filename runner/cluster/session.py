@@ -9,7 +9,7 @@ the object store) when only generation settings change between points.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from runner.cluster.connect import connect
@@ -55,20 +55,22 @@ class Session:
         # The chunks are cut to the sort window, so a sweep over it prepares again.
         return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
 
-    def warm_workers(self, job: JobConfig, model_path: str) -> None:
-        """Start this job's workers now, while its first window is prepared: they import the model code
-        (seconds) but load no model until `workers` hands them the job (bad input loads none)."""
+    def warm_workers(self, job: JobConfig, model_path: str, model_revision: str) -> None:
+        """Start one of this job's workers now, while its first window is prepared: it imports the model code
+        (seconds) but loads no model until `workers` hands it the job (bad input loads none). One only: how
+        many the job needs is known once its first window is planned (and an autoscaler is not asked early)."""
         self.connect(job.cluster)
-        key = _key(asdict(job.model), model_path, asdict(job.cluster))
+        key = _key(asdict(job.model), model_path, model_revision, asdict(job.cluster))
         if self.pool is not None and self._pool_key == key:
             return
         self._close_pool()
-        self.pool, self._pool_key = WorkerPool(None, plan_workers(job.cluster)), key
+        plan = plan_workers(job.cluster)
+        self.pool, self._pool_key = WorkerPool(None, replace(plan, count=1)), key
 
     def workers(self, job: JobConfig, setup: WorkerSetup, num_tasks: int | None) -> WorkerPool:
         """A pool of workers holding this job's model: the previous job's when it is the same model."""
         self.connect(job.cluster)
-        key = _key(asdict(job.model), setup.model_path, asdict(job.cluster))
+        key = _key(asdict(job.model), setup.model_path, setup.model_revision, asdict(job.cluster))
         if self.pool is not None and self._pool_key != key:
             self._close_pool()
         if self.pool is None:

@@ -5,6 +5,7 @@ The run (`runner.driver.job`) and the dry run (`runner.driver.dryrun`) both begi
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -73,5 +74,7 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
             ]
         )
     reserved = frozenset(store.BASE_COLUMNS | {input_lib.TOKENS})
-    spec = input_lib.PrepareSpec(job.dataset, model_path, job.model, job.generation.max_new_tokens, context, reserved)
+    # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
+    model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)
+    spec = input_lib.PrepareSpec(job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved)
     return JobStart(job, out, model_path, spec, config_hash(job), new_run_id(), revision)

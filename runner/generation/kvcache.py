@@ -124,9 +124,11 @@ def repeat(cache: Any, counts: Any) -> None:
     if not joinable(cache):  # transformers' own reordering knows every kind of layer state
         cache.reorder_cache(torch.arange(len(counts), device=counts.device).repeat_interleave(counts))
         return
+    on = _per_device(counts)
     for layer in cache.layers:
-        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
-        layer.values = layer.values.repeat_interleave(counts, dim=0)
+        here = on(layer.keys.device)
+        layer.keys = layer.keys.repeat_interleave(here, dim=0)
+        layer.values = layer.values.repeat_interleave(here, dim=0)
 
 
 def join(caches: list[Any], width: int) -> Any:
@@ -170,6 +172,19 @@ def _padded_buffers(layers: list[Any], width: int, room: int) -> tuple[Any, Any]
     return buf_k, buf_v
 
 
+def _per_device(tensor: Any) -> Any:
+    """`tensor` on a given device, copied once per device: a model spread over GPUs (cluster.gpus_per_worker)
+    holds each layer's cache on that layer's GPU."""
+    copies = {tensor.device: tensor}
+
+    def on(device: Any) -> Any:
+        if device not in copies:
+            copies[device] = tensor.to(device)
+        return copies[device]
+
+    return on
+
+
 def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     """Keep only the rows `keep` (ascending), without their first `cut` positions (padding no kept row uses).
 
@@ -183,10 +198,12 @@ def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
         cache.reorder_cache(index)  # some layers hold no keys (linear attention)
         return
     moved_from = next((j for j, i in enumerate(keep) if i != j), len(keep))  # rows before it stay in place
+    on = _per_device(index)
     for layer in cache.layers:
-        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(index, len(keep), moved_from):
+        here = on(layer.keys.device)
+        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(here, len(keep), moved_from):
             continue
-        keys, values = layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index)
+        keys, values = layer.keys[:, :, cut:].index_select(0, here), layer.values[:, :, cut:].index_select(0, here)
         if isinstance(layer, GrowingLayer):
             layer.hold(keys, values, GROW)
         else:

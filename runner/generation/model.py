@@ -36,11 +36,16 @@ def pick_device(kind: str = "auto") -> str:
 
 def import_model_code() -> None:
     """Import what loading a tokenizer and a model imports on first use (seconds): a warm worker pays it early."""
-    import transformers.modeling_utils  # noqa: F401
-    import transformers.tokenization_utils_tokenizers  # noqa: F401
-    import transformers.utils.type_validators  # noqa: F401
+    import importlib
 
     import runner.generation.engine  # noqa: F401
+
+    for name in ("transformers.modeling_utils", "transformers.tokenization_utils_tokenizers",
+                 "transformers.utils.type_validators"):  # fmt: skip
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another transformers version lays its modules out otherwise: they load on use
+            pass
 
 
 def auto_dtype_name(device: str, capability: tuple[int, int] | None) -> str:

@@ -174,7 +174,11 @@ class ShardGenerator:
 
         if self.setup is None:
             raise ValueError("configure() before load(): load the model first")
-        if (setup.job.model, setup.model_path) != (self.setup.job.model, self.setup.model_path):
+        if (setup.job.model, setup.model_path, setup.model_revision) != (
+            self.setup.job.model,
+            self.setup.model_path,
+            self.setup.model_revision,
+        ):
             raise ValueError("configure() cannot change the model; start a new worker for another model")
         self.setup = setup
         job = setup.job

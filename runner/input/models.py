@@ -192,6 +192,7 @@ def context_length(path: str, model_cfg: ModelConfig) -> int | None:
     return getattr(text_config, "max_position_embeddings", None)
 
 
+SAMPLE_BYTES = 1 << 20  # of each weight file's start and end, in its revision hash
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf", ".model", ".jinja", ".txt", ".py")
 
 
@@ -227,7 +228,8 @@ def resolve_revision(path: str, model_cfg: ModelConfig) -> str:
 
 def folder_revision(folder: Path) -> str:
     """A local model folder's content, in short: small files (config, tokenizer, index) by their bytes,
-    weight files by name and size (hashing gigabytes of weights would cost minutes)."""
+    weight files by name, size and their first and last MiB (hashing gigabytes of weights would cost
+    minutes; weights saved again in place change there, in their header or their last tensors)."""
     digest = hashlib.sha256()
     # The embedded model's completion marker records when and how fast this machine converted it: not content.
     files = [
@@ -238,6 +240,11 @@ def folder_revision(folder: Path) -> str:
         digest.update(f"{f.name}\0{size}\0".encode())
         if f.suffix in (".json", ".jinja", ".txt", ".model", ".py") and size <= 64 << 20:
             digest.update(f.read_bytes())
+        else:
+            with open(f, "rb") as handle:
+                digest.update(handle.read(SAMPLE_BYTES))
+                handle.seek(max(0, size - SAMPLE_BYTES))
+                digest.update(handle.read(SAMPLE_BYTES))
     return "local:" + digest.hexdigest()[:16]
 
 

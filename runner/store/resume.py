@@ -160,13 +160,18 @@ def scan_existing(out: OutputDir, config_hash: str, overwrite: bool, model_revis
             )
         recorded = meta.get(META_MODEL_REVISION, b"").decode()
         if model_revision is not None and recorded != model_revision:
+            pin = (
+                "restore the folder's files"
+                if model_revision.startswith("local:")
+                else "pin model.revision to the old commit"
+            )
             raise ConfigError(
                 [
                     f"output.dir={redact(out.uri)!r} holds results of model revision "
                     f"{recorded or '(none recorded: an older version of this runner)'} ({whole[0].base_name}); "
                     f"the model resolves to {model_revision} now: it changed since that run, and the two must not "
-                    "mix in one output. Write elsewhere with output.dir=..., pin model.revision to the old commit, "
-                    "or generate everything again with output.overwrite=true"
+                    f"mix in one output. Write elsewhere with output.dir=..., {pin}, or generate everything again "
+                    "with output.overwrite=true"
                 ]
             )
     for info in data:  # our shards, cut short by a crash or a power loss: generated again

@@ -2,8 +2,8 @@
 
 The engine (`runner.generation.engine`) runs rows of very different lengths together: they are read in
 groups of similar length, their KV caches joined left-padded, rows that end leave the running
-set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 12 prompts
-from the shared T0 mix, spread from the shortest to about 400 tokens, at most 5 running at
+set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 16 prompts
+from the shared T0 mix, spread from the shortest to about 400 tokens, at most 6 running at
 once, so rows join and leave at many different steps and most carry left padding.
 
 With the attention mask and mask-derived position ids, padded positions contribute nothing,
@@ -30,7 +30,7 @@ import pytest
 
 from tests.unit.generation.test_worker import make_generator
 
-PROMPTS = 12
+PROMPTS = 16
 MAX_PROMPT_TOKENS = 400
 MAX_NEW_TOKENS = 12
 MARGIN = {"none": 1e-3, "nf4": 0.5}
@@ -70,7 +70,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     from runner.generation.engine import Row
 
     rows = [Row(r, str(chosen[r]), prompts[r]) for r in np.argsort(lengths, kind="stable")]  # plan order
-    gen.limits.max_sequences = 5
+    gen.limits.max_sequences = 6
     together = gen.engine.generate_all(rows)
     batched = {f.key: f.result for f in together}
     assert gen.engine.joins > 0 and len({f.batch_size for f in together}) > 1  # rows joined a running set

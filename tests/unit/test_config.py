@@ -88,5 +88,5 @@ def test_config_hash_ignores_where_and_on_which_cluster():
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
     # where the prompts are read from is not what they are (the shard fingerprints hash the rows themselves)
-    moved = compose_job("dataset.path='s3://rotated-key:new-secret@bucket/prompts/'")
+    moved = compose_job("dataset.path='s3://rotated-key:new-secret@bucket/prompts/'", "model.revision=main")
     assert config_hash(moved) == config_hash(a) != config_hash(compose_job("dataset.prompt_column=question"))
