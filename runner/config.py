@@ -21,6 +21,8 @@ from runner.errors import ConfigError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 TOO_LONG = ("refuse", "truncate_left")
+ADDED_KEYS = (("generation", "logprobs"),)  # (section, key): left out of the config hash while null
+MAX_LOGPROBS = 20  # top logprobs per step (as vLLM allows by default): each is a (token_id, token, logprob) per token
 ON_ROW_ERROR = ("write", "fail")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CHAT_TEMPLATE_MODES = ("auto", "none")
@@ -55,6 +57,8 @@ class ModelConfig:
     chat_template: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    # A PEFT LoRA adapter folder applied to the (quantized) base on every worker: QLoRA's result.
+    adapter: str | None = None
 
 
 @dataclass
@@ -70,6 +74,9 @@ class GenerationSettings:
     num_return_sequences: int = 1
     stop_strings: list[str] = field(default_factory=list)
     seed: int = 0
+    # Log-probabilities of the generated tokens (the model's own distribution, before penalties and
+    # warpers): null off; 0 the chosen token's; K also the K most likely tokens at each step.
+    logprobs: int | None = None
 
 
 @dataclass
@@ -249,6 +256,11 @@ def _generation_problems(g: GenerationSettings) -> list[str]:
         problems.append(f"generation.stop_strings={list(g.stop_strings)!r}: every stop string must be non-empty")
     if g.seed < 0:
         problems.append(f"generation.seed={g.seed}: must be >= 0")
+    if g.logprobs is not None and not 0 <= g.logprobs <= MAX_LOGPROBS:
+        problems.append(
+            f"generation.logprobs={g.logprobs}: must be between 0 (the chosen token's only) and {MAX_LOGPROBS} "
+            "(the most likely tokens per step), or null for none"
+        )
     return problems
 
 
@@ -318,11 +330,21 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     kept["dataset"] = {k: v for k, v in kept["dataset"].items() if k != "path"}
     # The model's revision as written (null, a branch, a commit) is not what it resolves to: the resolved
     # revision is recorded in every file and checked on its own (runner.store.resume).
-    kept["model"] = {k: v for k, v in kept["model"].items() if k != "revision"}
+    kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("revision", "adapter")}
+    # Keys added after runs were written hash only when set, so those runs still resume.
+    for section, key in ADDED_KEYS:
+        if kept[section].get(key) is None:
+            kept[section].pop(key, None)
     return kept
 
 
-def config_hash(job: JobConfig) -> str:
-    """Stable hash of the result-affecting config: a rerun with the same hash may resume."""
-    blob = json.dumps(result_affecting(job), sort_keys=True, default=str)
+def config_hash(job: JobConfig, adapter: str | None = None) -> str:
+    """Stable hash of the result-affecting config: a rerun with the same hash may resume.
+
+    `adapter`: what `model.adapter` holds (its name and the hash of its weights), not where it lies.
+    """
+    kept = result_affecting(job)
+    if adapter is not None:
+        kept["model"]["adapter_id"] = adapter
+    blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

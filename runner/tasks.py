@@ -27,6 +27,7 @@ class WorkerSetup:
     carry_schema: pa.Schema
     file_metadata: dict[bytes, bytes]
     model_revision: str = ""  # resolved once by the driver: a Hub commit, or local:<hash of the folder>
+    adapter: str | None = None  # model.adapter's name@hash of its weights, checked against the base by the driver
 
 
 @dataclass

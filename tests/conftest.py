@@ -20,13 +20,26 @@ def embedded_model_dir() -> str:
     return str(prepare_embedded_model("SmolLM2-135M-Instruct"))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> str:
-    """A 2-layer random Llama with the SmolLM2 tokenizer: fast, deterministic, not sensible."""
+TINY_LLAMA = Path.home() / ".cache" / "runner" / "test-models" / "tiny-llama-2l-v1"
+
+
+def tiny_llama() -> str:
+    """A 2-layer random Llama with the SmolLM2 tokenizer: fast, deterministic, not sensible.
+
+    Built once into the local cache (written beside, then renamed into place), so the jobs that
+    integration tests run as subprocesses can load it too: their faults, streams, clusters and stores
+    do not need sensible text, and this model's forward costs nothing next to the embedded one's.
+    """
+    if (TINY_LLAMA / "config.json").exists():
+        return str(TINY_LLAMA)
+    import tempfile
+
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    from runner.input import prepare_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model("SmolLM2-135M-Instruct"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -41,10 +54,22 @@ def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> str:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    TINY_LLAMA.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=TINY_LLAMA.parent, prefix=".tiny-"))
+    model.save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    try:
+        scratch.rename(TINY_LLAMA)
+    except OSError:  # built meanwhile by another process
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(embedded_model_dir) -> str:
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")

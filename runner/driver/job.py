@@ -134,6 +134,7 @@ def _generate(st: JobStart, stream: JobStream, bar: ProgressBar, session: Sessio
         carry_schema=stream.carry_schema,
         file_metadata=store.file_metadata(as_dict(st.job), st.config_hash, st.run_id, st.model_revision),
         model_revision=st.model_revision,
+        adapter=st.adapter,
     )
     known_shards = len(first) if stream.stats.prepared_s is not None else None  # the input ended in one window
     b = st.job.batching

@@ -88,6 +88,7 @@ def _manifest(
         "run_ids": sorted({r for t in per_file.values() for r in t.get("run_ids", [])}),
         "config_hash": st.config_hash,
         "model_revision": st.model_revision,
+        "adapter": st.adapter,
         "plan_fingerprint": plan_fingerprint(stream),
         "runner_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(),

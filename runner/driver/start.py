@@ -27,6 +27,7 @@ class JobStart:
     config_hash: str
     run_id: str
     model_revision: str  # what every worker loads: a Hub commit, or local:<hash of the folder>
+    adapter: str | None = None  # model.adapter's name@hash of its weights (what the `adapter` column says)
 
 
 def new_run_id() -> str:
@@ -73,8 +74,14 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
                 f"{context} tokens, leaving no room for a prompt; lower it"
             ]
         )
-    reserved = frozenset(store.BASE_COLUMNS | {input_lib.TOKENS})
+    adapter = None
+    if job.model.adapter:  # checked against the base here, loaded by every worker from its absolute path
+        found = input_lib.read_adapter(job.model.adapter)
+        input_lib.check_fits(found, model_path)
+        adapter = found.label
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapter=found.path))
+    reserved = frozenset(store.RESERVED_COLUMNS | {input_lib.TOKENS})
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)
     spec = input_lib.PrepareSpec(job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved)
-    return JobStart(job, out, model_path, spec, config_hash(job), new_run_id(), revision)
+    return JobStart(job, out, model_path, spec, config_hash(job, adapter), new_run_id(), revision, adapter)

@@ -33,7 +33,8 @@ from typing import Any
 from runner import faults, plan
 from runner.errors import RowFailedError, first_line
 from runner.generation import kvcache
-from runner.generation.sampling import Chooser, Decoding, stream_key
+from runner.generation.processors import NgramTable
+from runner.generation.sampling import Choice, Chooser, Decoding, stream_key
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
@@ -69,6 +70,8 @@ class SequenceResult:
     finish_reason: str  # stop, length, or error
     error: str | None = None
     tokens: list[int] | None = None  # the generated token ids up to where the sequence ended
+    logprobs: list[float] | None = None  # with Decoding.logprobs: one per generated token
+    top_logprobs: list[list[tuple[int, str, float]]] | None = None  # with logprobs > 0: (id, text, log p) per step
 
 
 @dataclass
@@ -103,6 +106,25 @@ class _Sequence:
     steps: int = 0
     batch_size: int = 0
     tokens: list[int] = field(default_factory=list)
+    ngrams: NgramTable | None = None  # its n-grams so far, with no_repeat_ngram_size
+    logprobs: list[float] = field(default_factory=list)  # with Decoding.logprobs
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.row.input_ids
+
+    def took(self, choice: Choice, i: int) -> None:
+        """Take its token (and log-probabilities) of a step's choice; `i`: its place in the choice."""
+        token = choice.tokens[i]
+        self.tokens.append(token)
+        self.steps += 1
+        if self.ngrams is not None:
+            self.ngrams.add(token)
+        if choice.logprobs is not None:
+            self.logprobs.append(choice.logprobs[i])
+        if choice.top is not None:
+            self.top.append(choice.top[i])
 
 
 class Engine:
@@ -238,22 +260,26 @@ class Engine:
         if any(c != 1 for c in counts):
             kvcache.repeat(cache, repeat)
         mask = mask.to(self.device).repeat_interleave(repeat, dim=0)
-        seqs = [
-            _Sequence(
-                row=w.row,
-                sample=k,
-                stream=stream_key(self.decoding.seed, w.row.row_id, k),
-                length=len(w.row.input_ids),
-                padded_length=width,
-                admitted_at=w.admitted_at,
-                steps=w.steps.get(k, 0),
-            )
-            for w in group
-            for k in w.samples
-        ]
-        for s, token in zip(seqs, self._choose(logits, seqs)):
-            s.tokens.append(token)
-            s.steps += 1
+        n = self.decoding.rules.no_repeat_ngram_size
+        seqs = []
+        for w in group:
+            table = NgramTable(n, w.row.input_ids) if n else None
+            for k in w.samples:
+                seqs.append(
+                    _Sequence(
+                        row=w.row,
+                        sample=k,
+                        stream=stream_key(self.decoding.seed, w.row.row_id, k),
+                        length=len(w.row.input_ids),
+                        padded_length=width,
+                        admitted_at=w.admitted_at,
+                        steps=w.steps.get(k, 0),
+                        ngrams=table.copy() if table is not None and len(w.samples) > 1 else table,
+                    )
+                )
+        choice = self._chooser.choose(logits, seqs)
+        for i, s in enumerate(seqs):
+            s.took(choice, i)
         return cache, mask, seqs
 
     def _join(self, parts: list[tuple[Any, Any, list[_Sequence]]]) -> None:
@@ -301,21 +327,16 @@ class Engine:
             yield from self._evict(waiting, error)
             return
         self.mask = mask
-        for s, token in zip(self.seqs, self._choose(out.logits[:, -1], self.seqs)):
+        choice = self._chooser.choose(out.logits[:, -1], self.seqs)
+        for i, s in enumerate(self.seqs):
             s.length += 1
-            s.steps += 1
-            s.tokens.append(token)
+            s.took(choice, i)
         yield from self._retire()
 
     def _undo_step(self) -> None:
         """Layers that took the failed step's column before memory ran out give it back."""
         if self._joinable:
             kvcache.truncate(self.cache, self.mask.shape[1])
-
-    def _choose(self, logits: Any, seqs: list[_Sequence]) -> list[int]:
-        """The next token of every sequence: greedy, or drawn from its own random stream (see `sampling`)."""
-        seen = [s.row.input_ids + s.tokens for s in seqs] if self.decoding.repetition_penalty not in (None, 1.0) else []
-        return self._chooser.choose(logits, seen, [s.stream for s in seqs], [len(s.tokens) for s in seqs])
 
     def _retire(self) -> Iterator[Finished]:
         """Ended sequences leave the running set (and their cache rows); padding-only columns are cut."""
@@ -365,21 +386,33 @@ class Engine:
         d = self.decoding
         last = s.tokens[-1]
         if last in d.eos_ids or last in self._stop_ids:
-            return self._result(s.tokens[:-1], len(s.tokens), "stop", s.tokens)
+            return self._result(s, s.tokens[:-1], "stop")
         if self._stop_texts:
             tail = self.tokenizer.decode(s.tokens[-self._stop_tail :], skip_special_tokens=True)
             if any(stop in tail for stop in self._stop_texts):
-                return self._result(s.tokens, len(s.tokens), "stop", s.tokens)
+                return self._result(s, s.tokens, "stop")
         if len(s.tokens) >= d.max_new_tokens:
-            return self._result(s.tokens, len(s.tokens), "length", s.tokens)
+            return self._result(s, s.tokens, "length")
         return None
 
-    def _result(self, text_tokens: list[int], count: int, reason: str, tokens: list[int]) -> SequenceResult:
+    def _result(self, s: _Sequence, text_tokens: list[int], reason: str) -> SequenceResult:
+        """Its completion: the text of `text_tokens` (cut at a stop string), every generated token counted."""
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        hits = [text.find(s) for s in self._stop_texts if s in text]
+        hits = [text.find(stop) for stop in self._stop_texts if stop in text]
         if hits:
-            return SequenceResult(text[: min(hits)], count, "stop", tokens=list(tokens))
-        return SequenceResult(text, count, reason, tokens=list(tokens))
+            text, reason = text[: min(hits)], "stop"
+        result = SequenceResult(text, len(s.tokens), reason, tokens=list(s.tokens))
+        if self.decoding.logprobs is not None:
+            result.logprobs = list(s.logprobs)
+        if self.decoding.logprobs:
+            result.top_logprobs = self._named(s.top)
+        return result
+
+    def _named(self, top: list[list[tuple[int, float]]]) -> list[list[tuple[int, str, float]]]:
+        """Each step's most likely tokens with their text (each token decoded alone, special tokens kept)."""
+        ids = sorted({i for step in top for i, _ in step})
+        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
+        return [[(i, text[i], lp) for i, lp in step] for step in top]
 
     # -- out of memory -------------------------------------------------------------------------
 

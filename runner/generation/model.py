@@ -98,8 +98,21 @@ def load_model(path: str, model_cfg: ModelConfig, device: str, gpus: int = 1) ->
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
     )
+    if model_cfg.adapter:
+        model = apply_adapter(model, model_cfg.adapter)
     model.eval()
     return model
+
+
+def apply_adapter(model: Any, folder: str) -> Any:
+    """The model with a PEFT LoRA adapter in its layers (4-bit ones included), not merged into the weights.
+
+    peft puts LoRA layers in place of the adapted modules of `model` itself; the returned model is that
+    model, unwrapped, so the engine, the KV cache and the memory budget see the model's own class.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder, is_trainable=False).get_base_model()
 
 
 def spread_device_map(path: str, model_cfg: ModelConfig, gpus: int) -> dict[str, int]:

@@ -4,33 +4,40 @@ A sampled sequence's randomness comes from (seed, row id, sample index) alone: a
 takes one uniform number derived from that key and the step, and picks the token where that
 number falls in the cumulative distribution of its (penalized, warped) next-token
 probabilities. Nothing depends on which rows share its batch, on the worker, a retry or a
-resume. Temperature, top-k and top-p are transformers' own warpers (they work row by row);
-the repetition penalty is transformers' own, applied to each row's prompt and generated tokens.
+resume. Temperature, top-k, top-p and min-p are transformers' own warpers (batched); the
+repetition penalty is transformers' own, applied to each row's prompt and generated tokens;
+the model's bans (`no_repeat_ngram_size`, `bad_words_ids`, `min_new_tokens`, `min_length`) are
+`runner.generation.processors`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from runner.generation.processors import Banner, Rules
 
 # Transformers' own defaults when sampling and the config leaves a value unset (what generate used).
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 # Generation settings this engine does not apply; a model's or job's config that sets them is refused.
 UNSUPPORTED = (
-    "min_p",
     "typical_p",
     "epsilon_cutoff",
     "eta_cutoff",
-    "no_repeat_ngram_size",
-    "min_new_tokens",
-    "bad_words_ids",
+    "top_h",
     "suppress_tokens",
     "begin_suppress_tokens",
     "forced_bos_token_id",
     "forced_eos_token_id",
     "sequence_bias",
     "encoder_repetition_penalty",
+    "exponential_decay_length_penalty",
+    "guidance_scale",
+    "penalty_alpha",
+    "dola_layers",
+    "watermarking_config",
     "num_beams",
 )
 
@@ -48,17 +55,23 @@ class Decoding:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    logprobs: int | None = None  # None: off; K: each chosen token's log-probability and the K most likely
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
+    rules: Rules = Rules()  # the model's bans: n-grams, bad words, a minimum length
 
     @classmethod
-    def from_generation_config(cls, config: Any, seed: int, stop_strings: list[str] | None) -> Decoding:
+    def from_generation_config(cls, config: Any, seed: int, logprobs: int | None = None) -> Decoding:
+        """The config's settings; its stop_strings are the job's, or else the model's own."""
+
         def sampled(name: str) -> Any:
             value = getattr(config, name)
             return SAMPLING_DEFAULTS[name] if value is None else value
 
         eos = config.eos_token_id
         eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
+        stops = config.stop_strings or ()
         return cls(
             max_new_tokens=config.max_new_tokens,
             eos_ids=eos_ids,
@@ -69,9 +82,21 @@ class Decoding:
             top_k=sampled("top_k") if config.do_sample else None,
             top_p=sampled("top_p") if config.do_sample else None,
             repetition_penalty=config.repetition_penalty,
+            min_p=config.min_p if config.do_sample else None,
+            logprobs=logprobs,
             seed=seed,
-            stop_strings=tuple(stop_strings or ()),
+            stop_strings=(stops,) if isinstance(stops, str) else tuple(stops),
+            rules=Rules.from_generation_config(config, eos_ids),
         )
+
+
+@dataclass
+class Choice:
+    """A step's tokens, one per sequence, with their log-probabilities when the job asks for them."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None  # log p(token) under the model's own distribution
+    top: list[list[tuple[int, float]]] | None = None  # the K most likely (token id, log p), most likely first
 
 
 class Chooser:
@@ -80,24 +105,45 @@ class Chooser:
     def __init__(self, decoding: Decoding):
         self.decoding = decoding
         self.warpers = _warpers(decoding)
+        self.banner = Banner(decoding.rules, decoding.eos_ids) if decoding.rules.any() else None
 
-    def choose(self, logits: Any, seen: list[list[int]], streams: list[bytes], steps: list[int]) -> list[int]:
-        """Args: per sequence, its prompt and generated tokens, its stream key, and its step (tokens so far)."""
+    def choose(self, logits: Any, seqs: Sequence[Any]) -> Choice:
+        """The next token of each sequence of `seqs`, each with `prompt` and `tokens` (its ids so far),
+        `stream` (its random stream's key) and `ngrams` (its `NgramTable`, with no_repeat_ngram_size)."""
         import torch
 
         d = self.decoding
         scores = logits.float()
+        if self.banner is not None:
+            scores = self.banner.ban(
+                scores, [s.prompt for s in seqs], [s.tokens for s in seqs], [s.ngrams for s in seqs]
+            )
         if d.repetition_penalty not in (None, 1.0):
-            scores = penalize(scores, seen, d.repetition_penalty)
+            scores = penalize(scores, [list(s.prompt) + s.tokens for s in seqs], d.repetition_penalty)
         if not d.do_sample:
-            return scores.argmax(dim=-1).tolist()
+            return self._with_logprobs(logits, scores.argmax(dim=-1))
         for warper in self.warpers:
             scores = warper(None, scores)
         cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-        u = torch.tensor([uniform(k, n) for k, n in zip(streams, steps)], dtype=cdf.dtype, device=cdf.device)
+        u = torch.tensor([uniform(s.stream, len(s.tokens)) for s in seqs], dtype=cdf.dtype, device=cdf.device)
         # right=True: the first token whose cumulative probability exceeds u, never one of probability 0
         picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        return picked.clamp_(max=cdf.shape[1] - 1).tolist()
+        return self._with_logprobs(logits, picked.clamp_(max=cdf.shape[1] - 1))
+
+    def _with_logprobs(self, logits: Any, picked: Any) -> Choice:
+        """The picked tokens, and their log-probabilities under the model's raw logits (one transfer each)."""
+        import torch
+
+        k = self.decoding.logprobs
+        if k is None:
+            return Choice(picked.tolist())
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, picked.unsqueeze(1)).squeeze(1)
+        if not k:
+            return Choice(picked.tolist(), chosen.tolist())
+        values, ids = logp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return Choice(picked.tolist(), chosen.tolist(), top)
 
 
 def stream_key(seed: int, row_id: str, sample: int) -> bytes:
@@ -123,10 +169,15 @@ def penalize(scores: Any, seen: list[list[int]], penalty: float) -> Any:
 
 
 def _warpers(d: Decoding) -> list[Any]:
-    """Transformers' own temperature, top-k and top-p warpers, in generate's order."""
+    """Transformers' own temperature, top-k, top-p and min-p warpers, in generate's order."""
     if not d.do_sample:
         return []
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     out: list[Any] = []
     if d.temperature not in (None, 1.0):
@@ -135,6 +186,8 @@ def _warpers(d: Decoding) -> list[Any]:
         out.append(TopKLogitsWarper(d.top_k))
     if d.top_p not in (None, 1.0):
         out.append(TopPLogitsWarper(d.top_p))
+    if d.min_p is not None:
+        out.append(MinPLogitsWarper(d.min_p))
     return out
 
 

@@ -51,6 +51,7 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
         "model": setup.job.model.name_or_path,
         "quantization": setup.job.model.quantization,
         "model_revision": setup.model_revision,
+        "adapter": setup.adapter,
         "temperature": sampled["temperature"] if gen.do_sample else None,
         "top_p": sampled["top_p"] if gen.do_sample else None,
         "top_k": sampled["top_k"] if gen.do_sample else None,

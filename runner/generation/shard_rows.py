@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner import store
 from runner.input import PREPARED_FIELDS, TOKENS
 from runner.tasks import BatchDone, ShardTask
 
@@ -134,7 +133,8 @@ def shard_table(
     ids, prompts = rows.column("id").to_pylist(), rows.column("prompt").to_pylist()
     lengths = pc.list_value_length(rows.column(TOKENS)).to_pylist()
     truncated = rows.column("truncated_tokens").to_pylist()
-    columns: dict[str, list[Any]] = {f.name: [] for f in store.BASE_FIELDS}
+    own = [f for f in schema if f.name not in carry_names]  # the contract's columns (logprobs where on)
+    columns: dict[str, list[Any]] = {f.name: [] for f in own}
     carry_rows: list[int] = []
     for row, indices in samples.items():
         tally = batch_of[row]
@@ -158,13 +158,28 @@ def shard_table(
                 "finish_reason": f.result.finish_reason,
                 "error": f.result.error,
                 **static,
+                **logprob_values(f.result),
             }
             for name, column in columns.items():
                 column.append(values[name])
     carry = rows.select(carry_names).take(pa.array(carry_rows, pa.int64()))
-    arrays = [pa.array(columns[f.name], type=f.type) for f in store.BASE_FIELDS]
+    arrays = [pa.array(columns[f.name], type=f.type) for f in own]
     arrays += [carry.column(name).combine_chunks() for name in carry.column_names]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def logprob_values(result: Any) -> dict[str, Any]:
+    """A sequence's logprob columns (null where it has none: an error row, or logprobs off)."""
+    if result.logprobs is None:
+        return {"token_logprobs": None, "top_logprobs": None, "cumulative_logprob": None}
+    top = None
+    if result.top_logprobs is not None:
+        top = [[{"token_id": i, "token": t, "logprob": lp} for i, t, lp in step] for step in result.top_logprobs]
+    return {
+        "token_logprobs": result.logprobs,
+        "top_logprobs": top,
+        "cumulative_logprob": float(np.sum(np.asarray(result.logprobs, dtype=np.float64))),
+    }
 
 
 def over_committed(

@@ -189,9 +189,7 @@ class ShardGenerator:
         )
         self.limits.max_tokens = b.max_batch_tokens if b.max_batch_tokens is not None else self.memory_budget
         self.limits.step_cost_tokens = b.step_cost_tokens
-        decoding = Decoding.from_generation_config(
-            self.generation_config, job.generation.seed, job.generation.stop_strings
-        )
+        decoding = Decoding.from_generation_config(self.generation_config, job.generation.seed, job.generation.logprobs)
         # The job's own settings are all applied (the config schema has no others); these come from the
         # model's generation_config.json. They are named in the log, the run's summary and its manifest.
         self.ignored = tuple(unsupported_settings(self.generation_config))
@@ -199,7 +197,9 @@ class ShardGenerator:
             log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, self.ignored)
         self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error)
         self.out = store.open_output_dir(job.output.dir)
-        self.schema = store.output_schema(setup.carry_schema, setup.file_metadata)
+        self.schema = store.output_schema(
+            setup.carry_schema, setup.file_metadata, job.generation.logprobs is not None, setup.adapter is not None
+        )
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 
     def ready(self) -> dict[str, Any]:

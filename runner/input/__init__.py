@@ -4,6 +4,7 @@ What preparer actors run, and what the driver asks of a model's files before a j
 (its path, context length, tokenizer). No torch, no Ray.
 """
 
+from runner.input.adapters import Adapter, check_fits, read_adapter
 from runner.input.models import (
     COMPLETE_MARKER,
     cache_root,
@@ -21,6 +22,7 @@ from runner.input.sources import RawChunk, Source, read_chunks
 from runner.input.sources import resolve as resolve_source
 
 __all__ = [
+    "Adapter",
     "COMPLETE_MARKER",
     "PREPARED_FIELDS",
     "TOKENS",
@@ -30,6 +32,7 @@ __all__ = [
     "RawChunk",
     "Source",
     "cache_root",
+    "check_fits",
     "context_length",
     "folder_revision",
     "is_complete_model_dir",
@@ -37,6 +40,7 @@ __all__ = [
     "prepare_chunk",
     "prepare_embedded_model",
     "quiet_transformers",
+    "read_adapter",
     "read_chunks",
     "resolve_source",
     "resolve_model_path",

@@ -110,7 +110,7 @@ def prepare_embedded_model(name: str) -> Path:
     Safe under concurrency and crashes: the folder only ever appears complete,
     by an atomic rename of a private temporary folder that holds a marker.
     """
-    gguf = embedded_gguf(name)
+    gguf = embedded_gguf(name).resolve()  # the real file: a venv reached through a symlink is the same venv
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     final = cache_root() / "models" / f"{name}-{key}"

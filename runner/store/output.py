@@ -72,15 +72,33 @@ BASE_FIELDS = [
     pa.field("latency_s", pa.float64(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ]
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+# Only with generation.logprobs: one value per generated token (EOS included), null on error rows.
+LOGPROB_FIELDS = [
+    pa.field("token_logprobs", pa.list_(pa.float32())),
+    pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
+    pa.field("cumulative_logprob", pa.float64()),
+]
 BASE_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
+ADAPTER_FIELD = pa.field("adapter", pa.string(), nullable=False)  # only with model.adapter: name@hash of its weights
+RESERVED_COLUMNS = (
+    BASE_COLUMNS | {f.name for f in LOGPROB_FIELDS} | {ADAPTER_FIELD.name}
+)  # no carried input column takes these names
 
 
-def output_schema(carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+def contract_fields(logprobs: bool = False, adapter: bool = False) -> list[pa.Field]:
+    """The runner's own columns of a data file, in order (the optional ones where the job has them)."""
+    return BASE_FIELDS + ([ADAPTER_FIELD] if adapter else []) + (LOGPROB_FIELDS if logprobs else [])
+
+
+def output_schema(
+    carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None = None, logprobs: bool = False, adapter: bool = False
+) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    clash = [n for n in carry_schema.names if n in BASE_COLUMNS]
+    clash = [n for n in carry_schema.names if n in RESERVED_COLUMNS]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
-    return pa.schema(BASE_FIELDS + list(carry_schema), metadata=metadata)
+    return pa.schema(contract_fields(logprobs, adapter) + list(carry_schema), metadata=metadata)
 
 
 def file_metadata(config: dict[str, Any], config_hash: str, run_id: str, model_revision: str) -> dict[bytes, bytes]:

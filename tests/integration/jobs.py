@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from runner.store import verify_run
+from tests.conftest import tiny_llama
 
 ROWS = 24
 
@@ -21,9 +22,11 @@ def job_args(prompts: Path, out: Path, *extra: str) -> list[str]:
         "jobs/generate.py",
         f"dataset.path={prompts}",
         "dataset.id_column=id",
-        # float32: these jobs test faults, streaming, clusters and stores, not quantization; 4-bit loading
-        # costs each worker about 5 s more here, and the 4-bit path has tests of its own
-        # (test_generate_job's full-contract run, test_left_padding, test_embedded_model)
+        # A tiny random Llama in float32: these jobs test faults, streaming, clusters and stores, not the
+        # model. The embedded model's 8 tokens cost each 3-row shard about 2 s on these 2 cores, its 4-bit
+        # loading each worker 5 s more; the embedded model and the 4-bit path have tests of their own
+        # (test_generate_job's full-contract run, test_left_padding, test_embedded_model, test_readme).
+        f"model.name_or_path={tiny_llama()}",
         "model.quantization=none",
         "generation.max_new_tokens=8",
         "batching.shard_size=3",

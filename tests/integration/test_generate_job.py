@@ -12,7 +12,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, tiny_llama, write_jsonl
 from tests.integration.jobs import read_with_every_reader
 from tests.unit.store.test_output import DESIGN_COLUMNS
 
@@ -67,6 +67,7 @@ def sampled_run(unseen_jsonl, tmp_path_factory):
         "generation.temperature=0.8",
         "generation.num_return_sequences=2",
         "generation.seed=11",
+        "generation.logprobs=2",
         "batching.shard_size=4",
         "batching.max_batch_size=4",
         "cluster.num_workers=2",
@@ -101,6 +102,13 @@ def test_every_row_and_sample_exactly_once_with_the_full_contract(sampled_run):
     assert frame["worker"].n_unique() >= 1 and frame["device"][0] == "cpu"
     assert not list(out.glob(".*tmp*"))
     assert "generated tokens/s" in result.stdout and str(out) in result.stdout
+    # generation.logprobs=2: one log-probability per generated token, the 2 most likely tokens at each step
+    for row in frame.select("completion_tokens", "token_logprobs", "top_logprobs", "cumulative_logprob").to_dicts():
+        assert len(row["token_logprobs"]) == len(row["top_logprobs"]) == row["completion_tokens"]
+        assert row["cumulative_logprob"] == pytest.approx(sum(row["token_logprobs"]), abs=1e-4)
+        for chosen, top in zip(row["token_logprobs"], row["top_logprobs"]):
+            assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"] >= -1e9
+            assert chosen <= top[0]["logprob"] + 1e-5 and all(isinstance(t["token"], str) for t in top)
 
 
 def test_manifest_and_file_metadata_hold_the_resolved_config_without_secrets(sampled_run):
@@ -133,11 +141,14 @@ def test_rerun_resumes_and_another_config_is_refused(sampled_run):
     assert "config hash mismatch" in other.stderr and "output.overwrite=true" in other.stderr
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes; the engine's own test of this stays in it
+# (tests/unit/generation/test_engine.py: test_sampled_rows_do_not_depend_on_batching_or_order)
 def test_sampled_rows_do_not_depend_on_workers_or_batching(unseen_jsonl, tmp_path):
     """Each sequence draws from its own random stream (seed, id, sample_index), whatever the batching.
 
-    Two float32 runs of one config and data, with 2 workers and small batches and with 1 worker
-    and others: the engine also reads, joins and drops rows at other steps. Their samples agree,
+    Two float32 runs (of the tiny random Llama) of one config and data, with 2 workers and small
+    batches and with 1 worker and others: the engine also reads, joins and drops rows at other
+    steps. Their samples agree,
     up to float rounding: a prompt read with one pad token in one run and none in the other gets
     logits that differ in the last bits, and a draw that lands right at the boundary between two
     tokens then picks the other one (seen here: 1 of 28 sequences, at its 8th token). With a
@@ -147,6 +158,7 @@ def test_sampled_rows_do_not_depend_on_workers_or_batching(unseen_jsonl, tmp_pat
         f"dataset.path={unseen_jsonl}",
         "dataset.prompt_column=question",
         "dataset.id_column=qid",
+        f"model.name_or_path={tiny_llama()}",  # the streams are the runner's, whatever the model
         "model.quantization=none",
         "generation.max_new_tokens=8",
         "generation.do_sample=true",

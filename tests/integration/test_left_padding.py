@@ -73,7 +73,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     gen.limits.max_sequences = 6
     together = gen.engine.generate_all(rows)
     batched = {f.key: f.result for f in together}
-    assert gen.engine.joins > 0 and len({f.batch_size for f in together}) > 1  # rows joined a running set
+    assert gen.engine.joins > 0  # rows joined a running set that was decoding
     assert len({f.padded_length for f in together}) > 2  # prompts read in groups of similar length
     alone = {r: gen.engine.generate_all([Row(r, str(chosen[r]), prompts[r])])[0].result for r in range(PROMPTS)}
 

@@ -41,6 +41,12 @@ ELSEWHERE = [
     (".venv/bin/python jobs/generate.py cluster.address=", "tests/integration/test_cluster.py", "cluster.address="),
     ("RAY_AUTH_MODE=token ray job submit", "tests/integration/test_cluster.py", "ray job submit"),
     ("RAY_AUTH_MODE=token .venv/bin/python jobs/submit.py", "tests/integration/test_cluster.py", '"jobs/submit.py"'),
+    (
+        ".venv/bin/python jobs/generate.py dataset.path=my_prompts.jsonl generation.logprobs",
+        "tests/integration/test_generate_job.py",
+        '"generation.logprobs=2"',
+    ),
+    (".venv/bin/python jobs/generate.py model.adapter=", "tests/integration/test_adapter_job.py", "model.adapter="),
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),
     (".venv/bin/python jobs/benchmark.py", "tests/integration/test_benchmarks.py", '"jobs/benchmark.py"'),
     (".venv/bin/python jobs/bench_scale.py", "tests/integration/test_benchmarks.py", '"jobs/bench_scale.py"'),

@@ -8,7 +8,7 @@ import sys
 import duckdb
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_llama
 from tests.integration.jobs import read_with_every_reader
 
 POINTS = {0.5, 1.0}
@@ -22,6 +22,8 @@ def run_sweep(prompts, sweep_dir) -> subprocess.CompletedProcess:
         f"dataset.path={prompts}",
         "dataset.id_column=id",
         "dataset.limit=8",
+        f"model.name_or_path={tiny_llama()}",  # what a sweep keeps and writes does not depend on the model
+        "model.quantization=none",
         "generation.do_sample=true",
         "generation.temperature=0.5,1.0",
         "generation.max_new_tokens=6",
@@ -77,8 +79,8 @@ def test_the_model_is_loaded_once_for_the_whole_sweep(sweeps):
     assert len(workers) == 1  # the same worker process served every point
 
 
-@pytest.mark.slow  # a second whole sweep; two runs of one config agree in the default suite too
-# (test_generate_job's test_sampled_rows_do_not_depend_on_workers_or_batching)
+@pytest.mark.slow  # a second whole sweep; sampled rows that do not depend on the batching are in the default
+# suite too (test_engine's test_sampled_rows_do_not_depend_on_batching_or_order)
 def test_rerunning_the_sweep_reproduces_it_exactly(sweeps, prompts):
     first, again = sweeps
     run_sweep(prompts, again)

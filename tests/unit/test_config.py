@@ -90,3 +90,15 @@ def test_config_hash_ignores_where_and_on_which_cluster():
     # where the prompts are read from is not what they are (the shard fingerprints hash the rows themselves)
     moved = compose_job("dataset.path='s3://rotated-key:new-secret@bucket/prompts/'", "model.revision=main")
     assert config_hash(moved) == config_hash(a) != config_hash(compose_job("dataset.prompt_column=question"))
+
+
+def test_logprobs_are_checked_and_hashed_only_when_set():
+    """A key added later (generation.logprobs) leaves the hash of configs without it as it was: those runs resume."""
+    from runner.config import result_affecting
+
+    plain = compose_job()
+    assert "logprobs" not in result_affecting(plain)["generation"]
+    assert config_hash(compose_job("generation.logprobs=0")) != config_hash(plain)
+    assert config_hash(compose_job("generation.logprobs=2")) != config_hash(compose_job("generation.logprobs=0"))
+    with pytest.raises(ConfigError, match=r"generation.logprobs=21: must be between 0 .* and 20"):
+        validate(compose_job("generation.logprobs=21"))

@@ -33,6 +33,22 @@ def rows_of(tokenizer, lengths: list[int]) -> list[Row]:
 LENGTHS = [3, 40, 7, 25, 12, 60, 5, 33]
 
 
+def generated_alone(model, input_ids: list[int], max_new_tokens: int, pad_id: int, **settings) -> list[int]:
+    """The reference: `model.generate` on one prompt alone, greedy (no EOS unless `settings` give one)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            **{"eos_token_id": None, **settings},
+        )
+    return out[0, len(input_ids) :].tolist()
+
+
 def test_left_pad_puts_padding_and_zero_mask_on_the_left():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
@@ -129,22 +145,12 @@ def test_sampled_rows_do_not_depend_on_batching_or_order(tiny):
 
 def test_greedy_rows_equal_transformers_generate(tiny):
     """The engine's own decode loop against the reference: `model.generate` on each prompt alone."""
-    import torch
 
     model, tokenizer = tiny
     rows = rows_of(tokenizer, [4, 30, 17])
     ours = engine(tiny, max_new_tokens=16).generate_all(rows)
     for row, f in zip(rows, ours):
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=torch.tensor([row.input_ids]),
-                attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
-                max_new_tokens=16,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        assert f.result.tokens == out[0, len(row.input_ids) :].tolist()
+        assert f.result.tokens == generated_alone(model, row.input_ids, 16, tokenizer.pad_token_id)
 
 
 def test_repetition_penalty_is_transformers_own_row_by_row():
@@ -240,3 +246,145 @@ def test_a_row_can_ask_for_some_of_its_samples_only(tiny):
     assert [(f.key, f.sample_index) for f in some] == [(0, 0), (0, 1), (0, 2), (1, 2), (2, 0), (2, 1), (2, 2)]
     wanted = [f.result.tokens for f in every if (f.key, f.sample_index) != (1, 0) and (f.key, f.sample_index) != (1, 1)]
     assert [f.result.tokens for f in some] == wanted
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"no_repeat_ngram_size": 2},
+        {"no_repeat_ngram_size": 3, "repetition_penalty": 1.3},
+        {"bad_words_ids": "frequent"},
+        {"min_new_tokens": 10},
+        {"min_length": 40},
+    ],
+    ids=["ngram2", "ngram3+penalty", "bad_words", "min_new_tokens", "min_length"],
+)
+def test_the_models_bans_equal_transformers_own_processors(tiny, rules):
+    """Greedy fp32 rows of different lengths decoding together: each as `model.generate` gives it alone."""
+
+    from runner.generation.processors import Rules
+
+    model, tokenizer = tiny
+    first = rows_of(tokenizer, [4, 30, 17, 9])
+    start = engine(tiny, max_new_tokens=3).generate_all(first)
+    # Each prompt, its own first tokens, the prompt again: plain greedy decoding repeats those n-grams.
+    rows = [Row(r.key, r.row_id, r.input_ids + f.result.tokens + r.input_ids) for r, f in zip(first, start)]
+    plain = engine(tiny, max_new_tokens=14).generate_all(rows)
+    generated = [t for f in plain for t in f.result.tokens]
+    frequent = sorted(set(generated), key=generated.count)[-3:]  # tokens the rows really produce
+    eos = [frequent[-1]] if "min" in next(iter(rules)) else []
+    settings = dict(rules)
+    if settings.get("bad_words_ids") == "frequent":  # one token alone, and two-token words ending in frequent ones
+        settings["bad_words_ids"] = [
+            [frequent[0]],
+            [plain[0].result.tokens[0], frequent[1]],
+            [frequent[2], frequent[2]],
+        ]
+    penalty = settings.pop("repetition_penalty", None)
+    ban = Rules(**{k: tuple(map(tuple, v)) if k == "bad_words_ids" else v for k, v in settings.items()})
+    ours = engine(tiny, max_sequences=3, eos=eos, max_new_tokens=14, rules=ban, repetition_penalty=penalty)
+    together = ours.generate_all(rows)
+    for row, f in zip(rows, together):
+        reference = generated_alone(
+            model,
+            row.input_ids,
+            14,
+            tokenizer.pad_token_id,
+            eos_token_id=eos or None,
+            repetition_penalty=penalty,
+            **settings,
+        )
+        if eos and reference[-1] == eos[0]:
+            reference = reference[:-1]
+        assert f.result.tokens[: len(reference)] == reference[: len(f.result.tokens)]
+        assert [t for t in f.result.tokens if t not in eos] == reference
+    assert [f.result.tokens for f in together] != [f.result.tokens for f in plain]  # the rules changed rows
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely(tiny):
+    """Sampled with min_p (transformers' warper): every drawn token had at least min_p x the top probability."""
+    import torch
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [5, 12])
+    loose = engine(tiny, do_sample=True, temperature=1.0, max_new_tokens=10).generate_all(rows)
+    strict = engine(tiny, do_sample=True, temperature=1.0, min_p=0.9, max_new_tokens=10).generate_all(rows)
+    for row, f in zip(rows, strict):
+        ids = torch.tensor([row.input_ids + f.result.tokens])
+        with torch.inference_mode():
+            probs = model(input_ids=ids).logits[0, len(row.input_ids) - 1 : -1].softmax(-1)
+        chosen = probs.gather(1, torch.tensor(f.result.tokens).unsqueeze(1)).squeeze(1)
+        assert bool((chosen >= 0.9 * probs.max(-1).values).all())
+    assert [f.result.tokens for f in strict] != [f.result.tokens for f in loose]
+
+
+def test_a_models_own_settings_reach_the_engine():
+    """What generation_config.json sets (and the job leaves alone) is applied, not dropped."""
+    from transformers import GenerationConfig
+
+    from runner.generation.sampling import unsupported_settings
+
+    config = GenerationConfig(
+        max_new_tokens=8,
+        eos_token_id=[2, 7],
+        pad_token_id=0,
+        do_sample=True,
+        min_p=0.05,
+        no_repeat_ngram_size=3,
+        bad_words_ids=[[7], [5], [4, 9]],
+        min_new_tokens=2,
+        stop_strings=["###"],
+        typical_p=0.5,
+    )
+    d = Decoding.from_generation_config(config, seed=3)
+    assert d.min_p == 0.05 and d.stop_strings == ("###",)
+    assert d.rules.no_repeat_ngram_size == 3 and d.rules.min_new_tokens == 2
+    assert d.rules.bad_words_ids == ((5,), (4, 9))  # EOS alone is never a bad word (transformers' rule)
+    assert unsupported_settings(config) == ["typical_p=0.5"]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_own_as_transformers_computes_them(tiny, sampled):
+    """Rows decoding together: each token's log-probability equals `compute_transition_scores` over the
+    model's raw logits for that row alone (greedy), or a plain forward pass over the row's tokens (sampled at
+    temperature 0.5: the model's distribution, not the warped one); the top 3 per step with their text."""
+    import torch
+
+    model, tokenizer = tiny
+    rows = rows_of(tokenizer, [4, 30, 17])
+    settings = {"do_sample": True, "temperature": 0.5, "top_k": 20} if sampled else {}
+    ours = engine(tiny, max_sequences=2, max_new_tokens=10, logprobs=3, **settings).generate_all(rows)
+    for row, f in zip(rows, ours):
+        ids = torch.tensor([row.input_ids + f.result.tokens])
+        with torch.inference_mode():
+            if sampled:
+                logits = model(input_ids=ids).logits[0, len(row.input_ids) - 1 : -1]
+                expected = logits.log_softmax(-1).gather(1, torch.tensor(f.result.tokens).unsqueeze(1)).squeeze(1)
+            else:
+                out = model.generate(
+                    input_ids=ids[:, : len(row.input_ids)],
+                    max_new_tokens=10,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+                assert out.sequences[0].tolist() == ids[0].tolist()
+                expected = model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)[0]
+                logits = torch.cat(out.logits)
+        assert torch.allclose(torch.tensor(f.result.logprobs), expected.float(), atol=1e-4)
+        top_values, top_ids = logits.float().log_softmax(-1).topk(3)
+        assert [[i for i, _, _ in step] for step in f.result.top_logprobs] == top_ids.tolist()
+        assert torch.allclose(
+            torch.tensor([[lp for _, _, lp in s] for s in f.result.top_logprobs]), top_values, atol=1e-4
+        )
+        assert all(text == tokenizer.decode([i]) for step in f.result.top_logprobs for i, text, _ in step)
+
+
+def test_logprobs_zero_gives_the_chosen_tokens_only(tiny):
+    model, tokenizer = tiny
+    (f,) = engine(tiny, max_new_tokens=5, logprobs=0).generate_all(rows_of(tokenizer, [6]))
+    assert len(f.result.logprobs) == 5 and f.result.top_logprobs is None
+    (off,) = engine(tiny, max_new_tokens=5).generate_all(rows_of(tokenizer, [6]))
+    assert off.result.logprobs is None and off.result.tokens == f.result.tokens

@@ -228,15 +228,16 @@ def test_model_defaults_the_engine_does_not_apply_reach_the_summary_and_the_mani
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, folder)
     config = json.loads((folder / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    (folder / "generation_config.json").write_text(json.dumps({**config, "typical_p": 0.5, "no_repeat_ngram_size": 3}))
     (tmp_path / "out").mkdir()
     gen = make_generator(str(folder), tmp_path / "out")
-    assert gen.ignored == ("no_repeat_ngram_size=3",)
+    assert gen.ignored == ("typical_p=0.5",)  # no_repeat_ngram_size is applied
+    assert gen.engine.decoding.rules.no_repeat_ngram_size == 3
     task = shard_task(
         0, "part-0.parquet", [(0, 0, 1)], ["x"], ["hi"], [gen.tokenizer.encode("hi")], pa.table({"topic": ["t"]})
     )
     done = list(gen.run_shard(task))[-1]
-    assert isinstance(done, ShardDone) and done.ignored_settings == ("no_repeat_ngram_size=3",)
+    assert isinstance(done, ShardDone) and done.ignored_settings == ("typical_p=0.5",)
     bar = ProgressBar(1, enabled=False)
     bar(done)
-    assert bar.totals.as_dict()["ignored_model_settings"] == ["no_repeat_ngram_size=3"]  # the manifest's this_run
+    assert bar.totals.as_dict()["ignored_model_settings"] == ["typical_p=0.5"]  # the manifest's this_run
