@@ -22,7 +22,7 @@ demo: model  ## run the demo job on the embedded model and print where the resul
 	$(BIN)/python jobs/generate.py output.dir=$(DEMO_OUT) output.overwrite=true generation.max_new_tokens=64
 	$(BIN)/python jobs/report.py output.dir=$(DEMO_OUT)
 
-test: $(STAMP)  ## the default suite (unit + integration on CPU), about 13 minutes here
+test: $(STAMP)  ## the default suite (unit + integration on CPU), about 10 minutes here
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)  ## the heavier runs marked slow (installs pyspark for the Spark reader test)

@@ -2,6 +2,7 @@
 
 Usage:
     python jobs/bench_engine.py [--sizes 32,128,256] [--models tiny,embedded] [--steps 60] [--out outputs/bench]
+                                [--repetition-penalty 1.05] [--stop-strings '###']
 
 For each model and each running-set size N, the engine decodes a stream of rows (4N rows, short
 prompts, sampling at temperature 1) with room for N sequences at once. Rows end at spread-out
@@ -10,6 +11,9 @@ steps: a random 1/32 of the vocabulary counts as EOS, so each sequence ends with
 time inside the model's forward, host time outside it (wall - forward), and, in a second pass of
 the same rows under torch.profiler, the torch operations launched outside the forward; each apart
 for steps where rows end and steps where none do.
+
+With `--repetition-penalty` (on by default in some models' own generation config, e.g. 1.05 for
+Qwen2.5 instruct models) and `--stop-strings`, the engine also applies those each step.
 
 Models: `tiny`, a random 8-layer Llama (hidden 64, vocabulary 512) whose forward costs almost
 nothing, so what is left is the engine's own work; `embedded`, SmolLM2-135M-Instruct in fp32.
@@ -75,7 +79,7 @@ def tokenizer():
     return load_tokenizer(resolve_model_path("embedded:SmolLM2-135M-Instruct"))
 
 
-def make_engine(model, tok, size: int, max_new_tokens: int):
+def make_engine(model, tok, size: int, max_new_tokens: int, penalty: float | None = None, stops: tuple = ()):
     import random
 
     from runner.generation import Decoding, Engine, Limits
@@ -83,7 +87,15 @@ def make_engine(model, tok, size: int, max_new_tokens: int):
     vocab = model.config.vocab_size
     eos = frozenset(random.Random(1).sample(range(3, vocab), max(1, vocab // 32)))
     decoding = Decoding(
-        max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=0, do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos,
+        pad_id=0,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=penalty,
+        stop_strings=stops,
     )
     return Engine(model, tok, decoding, Limits(max_sequences=size))
 
@@ -157,16 +169,16 @@ def ops_per_step(prof) -> list[int]:
     return counts
 
 
-def measure(model, tok, size: int, steps: int) -> dict:
+def measure(model, tok, size: int, steps: int, penalty: float | None = None, stops: tuple = ()) -> dict:
     import torch
 
     rows = make_rows(size, model.config.vocab_size)
     times = StepTimes()
-    engine = make_engine(model, tok, size, steps)
+    engine = make_engine(model, tok, size, steps, penalty, stops)
     instrument(engine, times)
     engine.generate_all(rows)
     profiled = StepTimes()
-    engine = make_engine(model, tok, size, steps)
+    engine = make_engine(model, tok, size, steps, penalty, stops)
     instrument(engine, profiled)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         engine.generate_all(rows)
@@ -201,7 +213,10 @@ def main() -> int:
     parser.add_argument("--models", default="tiny,embedded")
     parser.add_argument("--steps", type=int, default=60, help="max_new_tokens of every row")
     parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--stop-strings", default="", help="comma-separated; \\n for a newline")
     args = parser.parse_args()
+    stops = tuple(s.replace("\\n", "\n") for s in args.stop_strings.split(",") if s)
     import torch
 
     torch.set_num_threads(2)
@@ -211,7 +226,7 @@ def main() -> int:
         model = {"tiny": tiny_model, "embedded": embedded_model}[name]()
         with torch.inference_mode():
             for size in (int(s) for s in args.sizes.split(",")):
-                result = {"model": name, **measure(model, tok, size, args.steps)}
+                result = {"model": name, **measure(model, tok, size, args.steps, args.repetition_penalty, stops)}
                 results.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
     header = ("model", "N", "kind", "steps", "wall ms", "fwd ms", "host ms", "host %", "ops")

@@ -34,7 +34,7 @@ from runner import faults, plan
 from runner.errors import RowFailedError, first_line
 from runner.generation import kvcache
 from runner.generation.processors import NgramTable
-from runner.generation.sampling import Choice, Chooser, Decoding, stream_key
+from runner.generation.sampling import Choice, Chooser, Decoding, presence, stream_key
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
@@ -127,6 +127,25 @@ class _Sequence:
             self.top.append(choice.top[i])
 
 
+@dataclass
+class _Prefilled:
+    """Sequences read together: their cache, attention mask and (with a repetition penalty) tokens seen."""
+
+    cache: Any
+    mask: Any
+    seqs: list[_Sequence]
+    seen: Any = None
+
+
+def _took(seen: Any, choice: Choice) -> Any:
+    """`seen` with each sequence's newly taken token (one indexed write)."""
+    if seen is not None:
+        import torch
+
+        seen[torch.arange(seen.shape[0], device=seen.device), choice.picked] = True
+    return seen
+
+
 class Engine:
     """Generates rows with continuous batching; one per worker, reused across shards."""
 
@@ -146,12 +165,14 @@ class Engine:
         # sequence like EOS does: its text never appears once special tokens are skipped.
         self._stop_ids, self._stop_texts = stop_tokens(tokenizer, decoding.stop_strings)
         self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in self._stop_texts), default=0) + 2
+        self._stop_enders = stop_enders(tokenizer, self._stop_texts)
         self._reset()
 
     def _reset(self) -> None:
         self.seqs: list[_Sequence] = []
         self.cache: Any = None
         self.mask: Any = None  # [sequences, cache width] attention mask of the running set
+        self.seen: Any = None  # [sequences, vocabulary] tokens each holds, with a repetition penalty
 
     def generate(self, rows: list[Row]) -> Iterator[Finished]:
         """Yield every sequence of `rows` (samples of a row: sample_index 0..n-1) as it ends.
@@ -238,7 +259,7 @@ class Engine:
     def _widest(self, taken: list[_Waiting]) -> int:
         return max([len(w.row.input_ids) for w in taken] + [len(s.row.input_ids) for s in self.seqs])
 
-    def _prefill(self, group: list[_Waiting]) -> tuple[Any, Any, list[_Sequence]]:
+    def _prefill(self, group: list[_Waiting]) -> _Prefilled:
         """Read a group's prompts; its cache, mask and sequences, each with its first token chosen."""
         import torch
 
@@ -259,7 +280,11 @@ class Engine:
         logits = out.logits[:, -1].repeat_interleave(repeat, dim=0)
         if any(c != 1 for c in counts):
             kvcache.repeat(cache, repeat)
-        mask = mask.to(self.device).repeat_interleave(repeat, dim=0)
+        mask = mask.to(self.device)
+        seen = None
+        if self._chooser.penalized:  # the prompt's tokens; each generated one is added as it is taken
+            seen = presence(ids.to(self.device), mask, out.logits.shape[-1]).repeat_interleave(repeat, dim=0)
+        mask = mask.repeat_interleave(repeat, dim=0)
         n = self.decoding.rules.no_repeat_ngram_size
         seqs = []
         for w in group:
@@ -277,27 +302,29 @@ class Engine:
                         ngrams=table.copy() if table is not None and len(w.samples) > 1 else table,
                     )
                 )
-        choice = self._chooser.choose(logits, seqs)
+        choice = self._chooser.choose(logits, seqs, seen)
         for i, s in enumerate(seqs):
             s.took(choice, i)
-        return cache, mask, seqs
+        return _Prefilled(cache, mask, seqs, _took(seen, choice))
 
-    def _join(self, parts: list[tuple[Any, Any, list[_Sequence]]]) -> None:
+    def _join(self, parts: list[_Prefilled]) -> None:
         """Append prefilled groups to the running set: every cache left-padded to the widest."""
         import torch
         from torch.nn.functional import pad
 
         self.joins += bool(self.seqs)
-        pieces = ([(self.cache, self.mask)] if self.seqs else []) + [(c, m) for c, m, _ in parts]
-        width = max(m.shape[1] for _, m in pieces)
+        pieces = ([_Prefilled(self.cache, self.mask, self.seqs, self.seen)] if self.seqs else []) + parts
+        width = max(p.mask.shape[1] for p in pieces)
         if len(pieces) == 1:
-            self.cache, self.mask = pieces[0]
+            self.cache, self.mask, self.seen = parts[0].cache, parts[0].mask, parts[0].seen
         else:
-            self.cache = kvcache.join([c for c, _ in pieces], width)
-            self.mask = torch.cat([pad(m, (width - m.shape[1], 0)) for _, m in pieces])
-        for _, _, seqs in parts:
-            self.seqs.extend(seqs)
-        for s in (s for _, _, seqs in parts for s in seqs):
+            self.cache = kvcache.join([p.cache for p in pieces], width)
+            self.mask = torch.cat([pad(p.mask, (width - p.mask.shape[1], 0)) for p in pieces])
+            if self._chooser.penalized:
+                self.seen = torch.cat([p.seen for p in pieces])
+        for p in parts:
+            self.seqs.extend(p.seqs)
+        for s in (s for p in parts for s in p.seqs):
             s.batch_size = len(self.seqs)
 
     # -- decoding ------------------------------------------------------------------------------
@@ -327,7 +354,8 @@ class Engine:
             yield from self._evict(waiting, error)
             return
         self.mask = mask
-        choice = self._chooser.choose(out.logits[:, -1], self.seqs)
+        choice = self._chooser.choose(out.logits[:, -1], self.seqs, self.seen)
+        self.seen = _took(self.seen, choice)
         for i, s in enumerate(self.seqs):
             s.length += 1
             s.took(choice, i)
@@ -366,7 +394,10 @@ class Engine:
         """Keep the running set's rows `keep`; cut cache columns that only padding uses, once there are CUT_MIN."""
         import torch
 
-        mask = self.mask.index_select(0, torch.tensor(keep, device=self.mask.device))
+        rows = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, rows)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, rows)
         used = mask.any(dim=0)
         cut = int(used.int().argmax()) if self._joinable and bool(used.any()) else 0
         cut = cut if cut >= CUT_MIN else 0
@@ -387,7 +418,7 @@ class Engine:
         last = s.tokens[-1]
         if last in d.eos_ids or last in self._stop_ids:
             return self._result(s, s.tokens[:-1], "stop")
-        if self._stop_texts:
+        if self._stop_texts and (self._stop_enders is None or last in self._stop_enders):
             tail = self.tokenizer.decode(s.tokens[-self._stop_tail :], skip_special_tokens=True)
             if any(stop in tail for stop in self._stop_texts):
                 return self._result(s, s.tokens, "stop")
@@ -461,6 +492,21 @@ def stop_tokens(tokenizer: Any, stop_strings: tuple[str, ...]) -> tuple[frozense
     special = {str(token): i for i, token in decoder.items() if getattr(token, "special", False)}
     ids = frozenset(special[s] for s in stop_strings if s in special)
     return ids, tuple(s for s in stop_strings if s not in special)
+
+
+def stop_enders(tokenizer: Any, stop_texts: tuple[str, ...]) -> frozenset[int] | None:
+    """The tokens that can complete one of `stop_texts`, or None where any token may.
+
+    A stop string ends with the token whose text holds its last character; only rows whose new token is
+    one of these are decoded to look for a stop string. Tokens that decode alone to nothing or to a
+    partial character (U+FFFD) count too. A stop string ending in whitespace makes every token one:
+    tokenizers drop a token's leading space when it is decoded alone.
+    """
+    if not stop_texts or any(s[-1].isspace() for s in stop_texts):
+        return None
+    last = {s[-1] for s in stop_texts}
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    return frozenset(i for i, t in enumerate(texts) if not t or "\ufffd" in t or any(c in t for c in last))
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

@@ -97,6 +97,7 @@ class Choice:
     tokens: list[int]
     logprobs: list[float] | None = None  # log p(token) under the model's own distribution
     top: list[list[tuple[int, float]]] | None = None  # the K most likely (token id, log p), most likely first
+    picked: Any = None  # the tokens as a tensor on the logits' device
 
 
 class Chooser:
@@ -107,9 +108,17 @@ class Chooser:
         self.warpers = _warpers(decoding)
         self.banner = Banner(decoding.rules, decoding.eos_ids) if decoding.rules.any() else None
 
-    def choose(self, logits: Any, seqs: Sequence[Any]) -> Choice:
+    @property
+    def penalized(self) -> bool:
+        return self.decoding.repetition_penalty not in (None, 1.0)
+
+    def choose(self, logits: Any, seqs: Sequence[Any], seen: Any = None) -> Choice:
         """The next token of each sequence of `seqs`, each with `prompt` and `tokens` (its ids so far),
-        `stream` (its random stream's key) and `ngrams` (its `NgramTable`, with no_repeat_ngram_size)."""
+        `stream` (its random stream's key) and `ngrams` (its `NgramTable`, with no_repeat_ngram_size).
+
+        `seen`: with a repetition penalty, the [sequences, vocabulary] presence of each sequence's prompt
+        and generated tokens (`presence`), kept by the caller as tokens are taken.
+        """
         import torch
 
         d = self.decoding
@@ -118,8 +127,8 @@ class Chooser:
             scores = self.banner.ban(
                 scores, [s.prompt for s in seqs], [s.tokens for s in seqs], [s.ngrams for s in seqs]
             )
-        if d.repetition_penalty not in (None, 1.0):
-            scores = penalize(scores, [list(s.prompt) + s.tokens for s in seqs], d.repetition_penalty)
+        if self.penalized:
+            scores = penalize(scores, seen, d.repetition_penalty)
         if not d.do_sample:
             return self._with_logprobs(logits, scores.argmax(dim=-1))
         for warper in self.warpers:
@@ -136,14 +145,14 @@ class Chooser:
 
         k = self.decoding.logprobs
         if k is None:
-            return Choice(picked.tolist())
+            return Choice(picked.tolist(), picked=picked)
         logp = torch.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(1, picked.unsqueeze(1)).squeeze(1)
         if not k:
-            return Choice(picked.tolist(), chosen.tolist())
+            return Choice(picked.tolist(), chosen.tolist(), picked=picked)
         values, ids = logp.topk(k, dim=-1)
         top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        return Choice(picked.tolist(), chosen.tolist(), top)
+        return Choice(picked.tolist(), chosen.tolist(), top, picked)
 
 
 def stream_key(seed: int, row_id: str, sample: int) -> bytes:
@@ -157,15 +166,25 @@ def uniform(stream: bytes, step: int) -> float:
     return int.from_bytes(digest, "little") / (1 << 24)
 
 
-def penalize(scores: Any, seen: list[list[int]], penalty: float) -> Any:
-    """Transformers' repetition penalty over each sequence's own tokens (rows of different lengths)."""
+def penalize(scores: Any, seen: Any, penalty: float) -> Any:
+    """Transformers' repetition penalty over each sequence's own tokens: `seen` [rows, vocab] their presence.
+
+    A token seen once or many times is penalized once, as transformers' gather and scatter over the
+    sequence's ids do; nothing here grows with the sequences' lengths.
+    """
     import torch
 
-    width = max(len(x) for x in seen)
-    index = torch.tensor([x + [x[0]] * (width - len(x)) for x in seen], device=scores.device)  # pad with a seen token
-    picked = scores.gather(1, index)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return scores.scatter(1, index, picked)
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen[:, : scores.shape[-1]], penalized, scores)
+
+
+def presence(input_ids: Any, mask: Any, width: int) -> Any:
+    """[rows, width] bool: which token ids each row of a left-padded batch holds (padding not counted)."""
+    import torch
+
+    index = input_ids.masked_fill(mask == 0, width)  # padding lands in one extra column, then dropped
+    seen = torch.zeros((input_ids.shape[0], width + 1), dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, index, True)[:, :width]
 
 
 def _warpers(d: Decoding) -> list[Any]:

@@ -29,7 +29,7 @@ def ready_path(proc: subprocess.Popen) -> Path:
     return Path(out.split("READY", 1)[1].strip())
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_two_workers_preparing_at_once_share_one_complete_folder(tmp_path):
     first, second = start(tmp_path), start(tmp_path)
     a, b = ready_path(first), ready_path(second)
@@ -38,7 +38,7 @@ def test_two_workers_preparing_at_once_share_one_complete_folder(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [a.name]
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_a_conversion_killed_halfway_is_never_trusted_and_is_redone(tmp_path):
     proc = start(tmp_path)
     models = tmp_path / "models"
@@ -58,7 +58,7 @@ def test_a_conversion_killed_halfway_is_never_trusted_and_is_redone(tmp_path):
     assert [p.name for p in models.iterdir() if p.is_dir()] == [path.name]  # the dead one was cleaned up
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_a_folder_without_its_marker_is_replaced(tmp_path, embedded_model_dir):
     import shutil
 

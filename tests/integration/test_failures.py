@@ -42,7 +42,7 @@ def test_driver_killed_mid_run_and_a_file_cut_by_power_loss_then_the_same_comman
     assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.name.startswith("_lease")]
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes (the hung-worker kill and the node loss stay in it)
+@pytest.mark.slow  # keeps make test under 10 minutes (the hung-worker kill and the node loss stay in it)
 def test_a_worker_process_killed_mid_shard_is_replaced_and_the_job_completes(prompts, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -138,6 +138,7 @@ def test_a_second_run_on_a_live_runs_directory_is_refused_and_overwrite_deletes_
     assert not (out / "_lease.json").exists()
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes (its preparers wait for a CPU the node does not have)
 def test_a_cluster_where_no_node_can_hold_a_worker_fails_within_a_minute(prompts, tmp_path):
     """The job's own Ray, its node reporting no CPU at all (as when the only worker node is gone)."""
     env = {**os.environ, "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 0})}
@@ -165,6 +166,7 @@ def test_cuda_workers_wait_for_gpu_nodes_and_never_start_on_cpus(prompts, tmp_pa
     assert " on cpu: " not in log and not list((tmp_path / "run").glob("*.parquet"))  # no worker loaded a model
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes; the message itself is tested in tests/unit/test_cli.py
 def test_an_unforeseen_failure_ends_with_one_line_naming_it_and_the_log_never_a_traceback(prompts, tmp_path):
     """A real fault the runner has no message for: the manifest's name is taken by a folder, so its
     final write fails (IsADirectoryError). The shards stay committed; the traceback goes to the log file."""

@@ -36,7 +36,7 @@ def verify(uri) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_a_run_writes_to_s3_resumes_there_and_verifies(s3_server, prompts):
     endpoint, fs = s3_server
     uri = f"s3://runner-test/runs/run1?endpoint_override={endpoint}&scheme=http&region=us-east-1"

@@ -38,7 +38,7 @@ def test_the_dry_run_plans_a_folder_without_a_model_and_writes_nothing(t0_rows, 
     assert "ShardGenerator" not in result.stderr  # no worker, no model
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_a_rerun_over_changed_prompts_is_refused_and_overwrite_replaces_the_results(t0_rows, tmp_path):
     folder, out = tmp_path / "prompts", tmp_path / "run"
     rows = split_into_folder(t0_rows, folder)
@@ -63,7 +63,7 @@ def test_a_rerun_over_changed_prompts_is_refused_and_overwrite_replaces_the_resu
     assert edited[2]["prompt"] in prompt
 
 
-@pytest.mark.slow  # keeps make test under 15 minutes; runs in make test-slow
+@pytest.mark.slow  # keeps make test under 10 minutes; runs in make test-slow
 def test_rerunning_a_finished_job_generates_nothing_and_keeps_the_manifest_totals(t0_rows, tmp_path):
     folder, out = tmp_path / "prompts", tmp_path / "run"
     rows = split_into_folder(t0_rows, folder, files=1, per_file=4)

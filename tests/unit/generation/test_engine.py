@@ -126,10 +126,13 @@ def test_a_stop_string_that_is_a_special_token_ends_the_row(tiny):
     assert ended.completion == tokenizer.decode(plain.tokens[:3], skip_special_tokens=True)
 
 
-def test_sampled_rows_do_not_depend_on_batching_or_order(tiny):
-    """Each sequence draws from its own stream of (seed, row id, sample index): batching cannot change it."""
+@pytest.mark.parametrize("penalty", [None, 1.3], ids=["plain", "repetition_penalty"])
+def test_sampled_rows_do_not_depend_on_batching_or_order(tiny, penalty):
+    """Each sequence draws from its own stream of (seed, row id, sample index): batching cannot change it
+    (nor the tokens each has seen, with a repetition penalty, as rows join and leave)."""
     model, tokenizer = tiny
     settings = {"do_sample": True, "samples": 2, "seed": 11, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    settings["repetition_penalty"] = penalty
     rows = rows_of(tokenizer, LENGTHS)
     wide = engine(tiny, max_sequences=64, **settings).generate_all(rows)
     narrow = engine(tiny, max_sequences=3, **settings).generate_all(rows)
@@ -154,27 +157,30 @@ def test_greedy_rows_equal_transformers_generate(tiny):
 
 
 def test_repetition_penalty_is_transformers_own_row_by_row():
-    """Sequences of different lengths in one batch: each row penalized exactly as alone."""
+    """Sequences of different lengths in one batch (their presence over the vocabulary): each row
+    penalized exactly as alone."""
     import torch
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from runner.generation.sampling import penalize
+    from runner.generation.sampling import penalize, presence
 
     scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     seen = [[1, 2, 3, 2], [7], [4, 4, 9, 10, 11, 49]]
-    ours = penalize(scores, seen, 1.7)
+    ids, mask = left_pad(seen, pad_id=0)  # 0 pads, and is no row's token: it must stay unpenalized
+    ours = penalize(scores, presence(ids, mask, 50), 1.7)
     for row, tokens in enumerate(seen):
         reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([tokens]), scores[row : row + 1].clone())
         assert torch.equal(ours[row], reference[0])
     assert not torch.equal(ours, scores)
 
 
-def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny):
+@pytest.mark.parametrize("penalty", [None, 1.3], ids=["plain", "repetition_penalty"])
+def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny, penalty):
     """Decode steps that do not fit send sequences back to wait; their reruns draw the same tokens."""
     import torch
 
     model, tokenizer = tiny
-    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6}
+    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6, "repetition_penalty": penalty}
     rows = rows_of(tokenizer, [9, 21, 14])
     free = engine(tiny, **settings).generate_all(rows)
 
@@ -253,11 +259,12 @@ def test_a_row_can_ask_for_some_of_its_samples_only(tiny):
     [
         {"no_repeat_ngram_size": 2},
         {"no_repeat_ngram_size": 3, "repetition_penalty": 1.3},
+        {"repetition_penalty": 1.6},
         {"bad_words_ids": "frequent"},
         {"min_new_tokens": 10},
         {"min_length": 40},
     ],
-    ids=["ngram2", "ngram3+penalty", "bad_words", "min_new_tokens", "min_length"],
+    ids=["ngram2", "ngram3+penalty", "penalty", "bad_words", "min_new_tokens", "min_length"],
 )
 def test_the_models_bans_equal_transformers_own_processors(tiny, rules):
     """Greedy fp32 rows of different lengths decoding together: each as `model.generate` gives it alone."""
@@ -388,3 +395,14 @@ def test_logprobs_zero_gives_the_chosen_tokens_only(tiny):
     assert len(f.result.logprobs) == 5 and f.result.top_logprobs is None
     (off,) = engine(tiny, max_new_tokens=5).generate_all(rows_of(tokenizer, [6]))
     assert off.result.logprobs is None and off.result.tokens == f.result.tokens
+
+
+def test_only_rows_whose_new_token_can_end_a_stop_string_are_decoded(tiny):
+    from runner.generation.engine import stop_enders
+
+    _, tokenizer = tiny
+    enders = stop_enders(tokenizer, ("###", "END"))
+    texts = {i: tokenizer.decode([i], skip_special_tokens=True) for i in range(len(tokenizer))}
+    assert all(i in enders for i, t in texts.items() if "#" in t or "D" in t)
+    assert tokenizer.encode(" the")[0] not in enders and 0 < len(enders) < len(tokenizer) // 4
+    assert stop_enders(tokenizer, ("Answer: ",)) is None and stop_enders(tokenizer, ()) is None
