@@ -338,13 +338,19 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     return kept
 
 
-def config_hash(job: JobConfig, adapter: str | None = None) -> str:
+def config_hash(job: JobConfig, adapter: str | None = None, model_defaults: dict[str, Any] | None = None) -> str:
     """Stable hash of the result-affecting config: a rerun with the same hash may resume.
 
-    `adapter`: what `model.adapter` holds (its name and the hash of its weights), not where it lies.
+    `adapter`: what `model.adapter` holds (the hash of its weights), not where it lies or its folder's name.
+    `model_defaults`: the model's own generation settings that the engine applies and, before this was
+    hashed, ignored (runner.input.applied_model_defaults): a run written then decoded without them.
     """
+    if job.model.adapter and adapter is None:
+        raise ValueError("config_hash of a job with model.adapter needs the adapter's hash (runner.input.read_adapter)")
     kept = result_affecting(job)
     if adapter is not None:
         kept["model"]["adapter_id"] = adapter
+    if model_defaults:
+        kept["model"]["applied_defaults"] = model_defaults
     blob = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

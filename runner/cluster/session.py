@@ -55,12 +55,12 @@ class Session:
         # The chunks are cut to the sort window, so a sweep over it prepares again.
         return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
 
-    def warm_workers(self, job: JobConfig, model_path: str, model_revision: str) -> None:
+    def warm_workers(self, job: JobConfig, model_path: str, model_revision: str, adapter: str | None = None) -> None:
         """Start one of this job's workers now, while its first window is prepared: it imports the model code
         (seconds) but loads no model until `workers` hands it the job (bad input loads none). One only: how
         many the job needs is known once its first window is planned (and an autoscaler is not asked early)."""
         self.connect(job.cluster)
-        key = _key(asdict(job.model), model_path, model_revision, asdict(job.cluster))
+        key = _key(asdict(job.model), model_path, model_revision, adapter, asdict(job.cluster))
         if self.pool is not None and self._pool_key == key:
             return
         self._close_pool()
@@ -70,7 +70,8 @@ class Session:
     def workers(self, job: JobConfig, setup: WorkerSetup, num_tasks: int | None) -> WorkerPool:
         """A pool of workers holding this job's model: the previous job's when it is the same model."""
         self.connect(job.cluster)
-        key = _key(asdict(job.model), setup.model_path, setup.model_revision, asdict(job.cluster))
+        # the adapter by what it holds: retrained weights in the same folder get new workers
+        key = _key(asdict(job.model), setup.model_path, setup.model_revision, setup.adapter, asdict(job.cluster))
         if self.pool is not None and self._pool_key != key:
             self._close_pool()
         if self.pool is None:

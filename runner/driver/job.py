@@ -75,7 +75,7 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         st = start(job)
         lease = store.acquire_lease(st.out, st.run_id, job.output.lease_timeout_s)  # before touching any file
         existing = _existing(st)
-        session.warm_workers(st.job, st.model_path, st.model_revision)
+        session.warm_workers(st.job, st.model_path, st.model_revision, st.adapter)
         stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job))
         bar = ProgressBar(0, enabled=progress)
         _generate(st, stream, bar, session, lease.check)

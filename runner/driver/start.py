@@ -80,8 +80,10 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         input_lib.check_fits(found, model_path)
         adapter = found.label
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapter=found.path))
-    reserved = frozenset(store.RESERVED_COLUMNS | {input_lib.TOKENS})
+    reserved = store.reserved_columns(job.generation.logprobs is not None, adapter is not None) | {input_lib.TOKENS}
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)
     spec = input_lib.PrepareSpec(job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved)
-    return JobStart(job, out, model_path, spec, config_hash(job, adapter), new_run_id(), revision, adapter)
+    adapter_digest = adapter.rsplit("@", 1)[1] if adapter else None  # what it holds, not what its folder is called
+    job_hash = config_hash(job, adapter_digest, input_lib.applied_model_defaults(model_path, revision))
+    return JobStart(job, out, model_path, spec, job_hash, new_run_id(), revision, adapter)

@@ -317,11 +317,11 @@ class Engine:
         width = max(p.mask.shape[1] for p in pieces)
         if len(pieces) == 1:
             self.cache, self.mask, self.seen = parts[0].cache, parts[0].mask, parts[0].seen
-        else:
+        else:  # everything built before anything is assigned: running out of memory leaves the set as it was
+            mask = torch.cat([pad(p.mask, (width - p.mask.shape[1], 0)) for p in pieces])
+            seen = torch.cat([p.seen for p in pieces]) if self._chooser.penalized else None
             self.cache = kvcache.join([p.cache for p in pieces], width)
-            self.mask = torch.cat([pad(p.mask, (width - p.mask.shape[1], 0)) for p in pieces])
-            if self._chooser.penalized:
-                self.seen = torch.cat([p.seen for p in pieces])
+            self.mask, self.seen = mask, seen
         for p in parts:
             self.seqs.extend(p.seqs)
         for s in (s for p in parts for s in p.seqs):

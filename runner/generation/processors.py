@@ -12,7 +12,8 @@ each row exactly what transformers gives it alone (tests compare them):
   token of a longer sequence is banned where the sequence ends with the rest of it. EOS alone is
   never a bad word (as in transformers).
 - `min_new_tokens` / `min_length`: EOS is banned until the sequence has that many new tokens
-  (`min_length`: prompt and completion together, the prompt without padding).
+  (`min_length`: prompt and completion together, the prompt without padding); where both are set,
+  `min_new_tokens` wins, as in `generate`.
 
 The bans are applied before the repetition penalty and the warpers: a banned token stays
 impossible whatever they do (`-inf` scaled stays `-inf`).
@@ -81,6 +82,12 @@ class Banner:
         self.prefixed = [w for w in rules.bad_words_ids if len(w) > 1]
         self._always_mask: Any = None
 
+    def _min_length(self, prompt_length: int) -> int:
+        """Prompt and completion tokens before EOS may come: min_new_tokens, where set, replaces min_length
+        (as `generate` does: it sets min_length to the prompt's length + min_new_tokens)."""
+        r = self.rules
+        return prompt_length + r.min_new_tokens if r.min_new_tokens else r.min_length
+
     def ban(
         self, scores: Any, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]], tables: Sequence[Any]
     ) -> Any:
@@ -104,8 +111,7 @@ class Banner:
             for word in self.prefixed:
                 if _ends_with(prompt, generated, word[:-1]):
                     banned.add(word[-1])
-            new = len(generated)
-            if new < r.min_new_tokens or len(prompt) + new < r.min_length:
+            if len(prompt) + len(generated) < self._min_length(len(prompt)):
                 banned.update(self.eos)
             rows.extend([i] * len(banned))
             cols.extend(banned)

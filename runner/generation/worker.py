@@ -63,6 +63,26 @@ class ModelChangedError(RuntimeError):
     """The model a worker finds is not the revision the job resolved when it started."""
 
 
+def _check_adapter(setup: WorkerSetup) -> None:
+    """The adapter folder this node sees holds what the driver hashed (the same path on every node)."""
+    from runner import input as input_lib
+    from runner.errors import ConfigError
+
+    folder = setup.job.model.adapter or ""
+    try:
+        found = input_lib.read_adapter(folder).label
+    except ConfigError as e:
+        raise ModelChangedError(
+            f"model.adapter={folder!r} is not readable on this node ({e.problems[0]}): put the adapter at the "
+            "same path on every node of the cluster (a shared file system), as the driver sees it"
+        ) from None
+    if found != setup.adapter:
+        raise ModelChangedError(
+            f"{folder}: the adapter changed since the job started (it was {setup.adapter}, it is {found} on this "
+            "node): every worker must apply the same adapter; rerun once it is final"
+        )
+
+
 def pinned(path: str, setup: WorkerSetup) -> Any:
     """The model config a worker loads with: a Hub model at the commit the driver resolved, a local folder
     checked against the hash the driver took (a replacement worker or a resumed run must not load newer
@@ -76,6 +96,8 @@ def pinned(path: str, setup: WorkerSetup) -> Any:
 
     from runner import input as input_lib
 
+    if setup.adapter:
+        _check_adapter(setup)
     if not setup.model_revision:
         return setup.job.model
     if Path(path).is_dir():
@@ -174,10 +196,11 @@ class ShardGenerator:
 
         if self.setup is None:
             raise ValueError("configure() before load(): load the model first")
-        if (setup.job.model, setup.model_path, setup.model_revision) != (
+        if (setup.job.model, setup.model_path, setup.model_revision, setup.adapter) != (
             self.setup.job.model,
             self.setup.model_path,
             self.setup.model_revision,
+            self.setup.adapter,
         ):
             raise ValueError("configure() cannot change the model; start a new worker for another model")
         self.setup = setup

@@ -7,6 +7,7 @@ What preparer actors run, and what the driver asks of a model's files before a j
 from runner.input.adapters import Adapter, check_fits, read_adapter
 from runner.input.models import (
     COMPLETE_MARKER,
+    applied_model_defaults,
     cache_root,
     context_length,
     folder_revision,
@@ -31,6 +32,7 @@ __all__ = [
     "PrepareSpec",
     "RawChunk",
     "Source",
+    "applied_model_defaults",
     "cache_root",
     "check_fits",
     "context_length",

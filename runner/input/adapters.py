@@ -4,8 +4,10 @@ What the driver asks of `model.adapter`: that the folder holds an adapter (`adap
 its weights), what it is (its name and a hash of its weights: the config hash, the manifest and the
 `adapter` column carry them) and that it fits the model: every module it adapts exists in the base
 model's weights with the shapes its LoRA matrices expect. An adapter trained on another base is
-refused here, naming that base, before Ray or a model starts. Reads JSON and safetensors headers only:
-no torch, no peft (`runner.generation.model` applies the adapter on the worker).
+refused here, naming that base, before Ray or a model starts. Where the base's checkpoint names a
+module otherwise, or stores its weights quantized, peft checks it as the worker loads the adapter.
+Reads JSON and safetensors headers only: no torch, no peft (`runner.generation.model` applies the
+adapter on the worker, which first checks that its node sees the same adapter).
 """
 
 from __future__ import annotations
@@ -74,11 +76,12 @@ def check_fits(adapter: Adapter, model_folder: str) -> None:
     """
     folder = Path(model_folder)
     lora = Path(adapter.path) / ADAPTER_WEIGHTS[0]
-    if not folder.is_dir() or not lora.is_file():
-        return
+    if not folder.is_dir() or not lora.is_file() or _quantized(folder):
+        return  # a pre-quantized base stores packed weights whose shapes are not the layers' (peft checks it)
     base = _model_shapes(folder)
     if base is None:
         return
+    swapped = bool(json.loads((Path(adapter.path) / ADAPTER_CONFIG).read_text()).get("fan_in_fan_out"))
     problems = []
     for key, shape in _header_shapes(lora).items():
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
@@ -86,12 +89,13 @@ def check_fits(adapter: Adapter, model_folder: str) -> None:
             continue
         module = _module_name(key[: -len(suffix)])
         weight = base.get(f"{module}.weight")
-        if weight is None:
-            problems.append(f"{module} (not in the model)")
-        elif suffix == ".lora_A.weight" and shape[1] != weight[-1]:
-            problems.append(f"{module} (takes {shape[1]} inputs, the model's {weight[-1]})")
-        elif suffix == ".lora_B.weight" and shape[0] != weight[0]:
-            problems.append(f"{module} (gives {shape[0]} outputs, the model's {weight[0]})")
+        if weight is None or len(weight) != 2:  # named otherwise in the checkpoint (tied, prefixed): peft's to check
+            continue
+        outputs, inputs = (weight[1], weight[0]) if swapped else (weight[0], weight[1])
+        if suffix == ".lora_A.weight" and shape[1] != inputs:
+            problems.append(f"{module} (takes {shape[1]} inputs, the model's {inputs})")
+        elif suffix == ".lora_B.weight" and shape[0] != outputs:
+            problems.append(f"{module} (gives {shape[0]} outputs, the model's {outputs})")
     if problems:
         trained_on = f"trained on {adapter.base_model!r}" if adapter.base_model else "trained on another model"
         raise ConfigError(
@@ -101,6 +105,14 @@ def check_fits(adapter: Adapter, model_folder: str) -> None:
                 "or an adapter trained on this one"
             ]
         )
+
+
+def _quantized(folder: Path) -> bool:
+    """Whether the folder's weights are stored quantized (bitsandbytes, GPTQ, AWQ: its config says so)."""
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return True  # nothing to compare against
 
 
 def _module_name(key: str) -> str:

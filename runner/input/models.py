@@ -248,6 +248,37 @@ def folder_revision(folder: Path) -> str:
     return "local:" + digest.hexdigest()[:16]
 
 
+# Settings of a model's own generation config that the engine applies since the runner 0.1 of this change;
+# runs written before ignored them, so where a model sets one it counts in the config hash (see start).
+APPLIED_MODEL_DEFAULTS = (
+    "stop_strings",
+    "min_p",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_new_tokens",
+    "min_length",
+)
+
+
+def applied_model_defaults(path: str, revision: str) -> dict[str, Any]:
+    """Those of APPLIED_MODEL_DEFAULTS the model's generation_config.json sets (not null, 0 or empty).
+
+    From a local folder, or a Hub model's cached file at `revision`; {} when the file is not on this machine
+    (the driver downloads no model).
+    """
+    file = Path(path) / "generation_config.json"
+    if not Path(path).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "generation_config.json", revision=revision)
+        file = Path(cached) if isinstance(cached, str) else Path("/nonexistent")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in APPLIED_MODEL_DEFAULTS if config.get(k) not in (None, 0, [], "")}
+
+
 def _local_context_length(path: str) -> int | None:
     """max_position_embeddings straight from a local folder's config.json (its text_config's, if it has one)."""
     try:

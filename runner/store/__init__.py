@@ -5,6 +5,7 @@ What the driver and the workers use of a run directory; no torch, no Ray.
 
 from runner.store.lease import Lease
 from runner.store.lease import acquire as acquire_lease
+from runner.store.openai_batch import BATCH_SHAPES, batch_lines, batch_shape
 from runner.store.output import (
     BASE_COLUMNS,
     BASE_FIELDS,
@@ -14,7 +15,6 @@ from runner.store.output import (
     META_CONFIG_HASH,
     META_PLAN,
     META_TOTALS,
-    RESERVED_COLUMNS,
     OutputDir,
     contract_fields,
     ensure_writable,
@@ -23,6 +23,7 @@ from runner.store.output import (
     open_output_dir,
     output_schema,
     read_manifest,
+    reserved_columns,
     shard_file_name,
     shard_totals,
     write_manifest,
@@ -32,6 +33,7 @@ from runner.store.resume import Existing, error_rows, read_shard_totals, scan_ex
 from runner.store.verify import Verdict, verify_run
 
 __all__ = [
+    "BATCH_SHAPES",
     "BASE_COLUMNS",
     "BASE_FIELDS",
     "LEGACY_MANIFEST",
@@ -40,12 +42,13 @@ __all__ = [
     "META_CONFIG_HASH",
     "META_PLAN",
     "META_TOTALS",
-    "RESERVED_COLUMNS",
     "Existing",
     "Lease",
     "OutputDir",
     "Verdict",
     "acquire_lease",
+    "batch_lines",
+    "batch_shape",
     "contract_fields",
     "ensure_writable",
     "error_rows",
@@ -54,6 +57,7 @@ __all__ = [
     "open_output_dir",
     "output_schema",
     "read_manifest",
+    "reserved_columns",
     "read_shard_totals",
     "scan_existing",
     "shard_file_name",

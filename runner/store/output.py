@@ -81,9 +81,6 @@ LOGPROB_FIELDS = [
 ]
 BASE_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
 ADAPTER_FIELD = pa.field("adapter", pa.string(), nullable=False)  # only with model.adapter: name@hash of its weights
-RESERVED_COLUMNS = (
-    BASE_COLUMNS | {f.name for f in LOGPROB_FIELDS} | {ADAPTER_FIELD.name}
-)  # no carried input column takes these names
 
 
 def contract_fields(logprobs: bool = False, adapter: bool = False) -> list[pa.Field]:
@@ -91,11 +88,17 @@ def contract_fields(logprobs: bool = False, adapter: bool = False) -> list[pa.Fi
     return BASE_FIELDS + ([ADAPTER_FIELD] if adapter else []) + (LOGPROB_FIELDS if logprobs else [])
 
 
+def reserved_columns(logprobs: bool = False, adapter: bool = False) -> frozenset[str]:
+    """Names no carried input column may keep (it is carried as input_NAME): the job's own columns only,
+    so an input column named like an optional one stays as it is in jobs without that option."""
+    return frozenset(f.name for f in contract_fields(logprobs, adapter))
+
+
 def output_schema(
     carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None = None, logprobs: bool = False, adapter: bool = False
 ) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    clash = [n for n in carry_schema.names if n in RESERVED_COLUMNS]
+    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter)]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
     return pa.schema(contract_fields(logprobs, adapter) + list(carry_schema), metadata=metadata)

@@ -290,3 +290,34 @@ def test_report_on_a_directory_without_a_finished_run_says_so(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "no _manifest.json" in result.stderr
+
+
+def test_the_run_exports_as_an_openai_batch_output_file(sampled_run, tmp_path):
+    """Every input row exactly once, its samples as choices, token counts as in the Parquet files; read back
+    with the openai package's own types."""
+    from openai.types.chat import ChatCompletion
+
+    out, _, _ = sampled_run
+    target = tmp_path / "exported" / "batch_output.jsonl"
+    args = [f"output.dir={out}", "export.format=openai_batch", f"export.path={target}"]
+    result = subprocess.run([sys.executable, "jobs/export.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(QUESTIONS)} lines (chat responses)" in result.stdout
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"Q-{i:03d}" for i in range(len(QUESTIONS)))
+    parquet = duckdb.sql(
+        f"SELECT qid, sum(completion_tokens), max(prompt_tokens) FROM read_parquet('{out}/*.parquet') GROUP BY qid"
+    ).fetchall()
+    counts = {qid: (completion, prompt) for qid, completion, prompt in parquet}
+    for line in lines:
+        body = ChatCompletion.model_validate(line["response"]["body"])
+        assert len(body.choices) == 2 and {c.index for c in body.choices} == {0, 1}
+        assert (body.usage.completion_tokens, body.usage.prompt_tokens) == counts[line["custom_id"]]
+    assert not list(target.parent.glob("*.tmp-*"))
+    bad = subprocess.run(
+        [sys.executable, "jobs/export.py", f"output.dir={tmp_path / 'nothing'}", *args[1:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "is not a complete run" in bad.stderr

@@ -2,7 +2,7 @@
 
 The engine (`runner.generation.engine`) runs rows of very different lengths together: they are read in
 groups of similar length, their KV caches joined left-padded, rows that end leave the running
-set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 16 prompts
+set and waiting rows join it at later steps. The embedded SmolLM2-135M-Instruct; 10-16 prompts
 from the shared T0 mix, spread from the shortest to about 400 tokens, at most 6 running at
 once, so rows join and leave at many different steps and most carry left padding.
 
@@ -30,20 +30,22 @@ import pytest
 
 from tests.unit.generation.test_worker import make_generator
 
-PROMPTS = 16
+# float32's rows end (EOS) at steps spread enough for rows to join a running set with 10; in 4-bit,
+# whose answers differ, it takes 16
+PROMPTS = {"none": 10, "nf4": 16}
 MAX_PROMPT_TOKENS = 400
 MAX_NEW_TOKENS = 12
 MARGIN = {"none": 1e-3, "nf4": 0.5}
 
 
-def pick_prompts(tok, t0_rows) -> tuple[list[int], list[list[int]]]:
+def pick_prompts(tok, t0_rows, count: int) -> tuple[list[int], list[list[int]]]:
     texts = [
         tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
         for r in t0_rows[:400]
     ]
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     fitting = sorted((i for i in range(len(ids)) if len(ids[i]) <= MAX_PROMPT_TOKENS), key=lambda i: len(ids[i]))
-    chosen = [fitting[int(k)] for k in np.linspace(0, len(fitting) - 1, PROMPTS)]
+    chosen = [fitting[int(k)] for k in np.linspace(0, len(fitting) - 1, count)]
     return chosen, [ids[i] for i in chosen]
 
 
@@ -63,7 +65,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     gen = make_generator(
         embedded_model_dir, tmp_path, quantization=quantization, chat_template="auto", max_new_tokens=MAX_NEW_TOKENS
     )
-    chosen, prompts = pick_prompts(gen.tokenizer, t0_rows)
+    count = PROMPTS[quantization]
+    chosen, prompts = pick_prompts(gen.tokenizer, t0_rows, count)
     lengths = [len(p) for p in prompts]
     assert max(lengths) > 10 * min(lengths)  # very different lengths, so padding is real
 
@@ -75,10 +78,10 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
     batched = {f.key: f.result for f in together}
     assert gen.engine.joins > 0  # rows joined a running set that was decoding
     assert len({f.padded_length for f in together}) > 2  # prompts read in groups of similar length
-    alone = {r: gen.engine.generate_all([Row(r, str(chosen[r]), prompts[r])])[0].result for r in range(PROMPTS)}
+    alone = {r: gen.engine.generate_all([Row(r, str(chosen[r]), prompts[r])])[0].result for r in range(count)}
 
     equal, not_near_ties = 0, []
-    for r in range(PROMPTS):
+    for r in range(count):
         a, b = alone[r].tokens, batched[r].tokens
         if a == b:
             assert (alone[r].completion, alone[r].finish_reason) == (batched[r].completion, batched[r].finish_reason)
@@ -91,4 +94,4 @@ def test_batched_greedy_equals_one_prompt_at_a_time(embedded_model_dir, t0_rows,
         if gap > MARGIN[quantization]:
             not_near_ties.append((lengths[r], k, gap, alone[r].completion, batched[r].completion))
     assert not_near_ties == []
-    assert equal >= PROMPTS - 2  # a near-tie is rare; many would mean the margin hides something
+    assert equal >= count - 2  # a near-tie is rare; many would mean the margin hides something

@@ -47,6 +47,8 @@ ELSEWHERE = [
         '"generation.logprobs=2"',
     ),
     (".venv/bin/python jobs/generate.py model.adapter=", "tests/integration/test_adapter_job.py", "model.adapter="),
+    # the dry run (Ray and preparers, 11 s): run over a folder of files by the streaming tests
+    (".venv/bin/python jobs/plan.py", "tests/integration/test_streaming.py", '"jobs/plan.py"'),
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),
     (".venv/bin/python jobs/benchmark.py", "tests/integration/test_benchmarks.py", '"jobs/benchmark.py"'),
     (".venv/bin/python jobs/bench_scale.py", "tests/integration/test_benchmarks.py", '"jobs/bench_scale.py"'),

@@ -102,3 +102,21 @@ def test_logprobs_are_checked_and_hashed_only_when_set():
     assert config_hash(compose_job("generation.logprobs=2")) != config_hash(compose_job("generation.logprobs=0"))
     with pytest.raises(ConfigError, match=r"generation.logprobs=21: must be between 0 .* and 20"):
         validate(compose_job("generation.logprobs=21"))
+
+
+def test_model_defaults_the_engine_applies_count_in_the_hash_only_where_a_model_sets_them(tmp_path):
+    """Runs written before the engine applied a model's no_repeat_ngram_size (and the like) decoded without it:
+    a model that sets one hashes apart, so such a run is not resumed with rows decoded another way."""
+    import json
+
+    from runner.input import applied_model_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "no_repeat_ngram_size": 3}))
+    assert applied_model_defaults(str(tmp_path), "local:x") == {"no_repeat_ngram_size": 3}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "min_length": 0}))
+    assert applied_model_defaults(str(tmp_path), "local:x") == {}
+    job = compose_job()
+    assert config_hash(job, model_defaults={}) == config_hash(job)
+    assert config_hash(job, model_defaults={"no_repeat_ngram_size": 3}) != config_hash(job)
+    with pytest.raises(ValueError, match="needs the adapter's hash"):
+        config_hash(compose_job(f"model.adapter={tmp_path}"))

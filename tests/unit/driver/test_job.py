@@ -60,6 +60,7 @@ def no_ray(monkeypatch, no_workers):
     forbid(monkeypatch, session, "connect")
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes; the CLI's own run of this stays in it (test_generate_job)
 def test_bad_input_is_refused_before_any_worker_starts(tmp_path, no_workers, embedded_model_dir):
     rows = [{"prompt": "a", "id": "1"}, {"prompt": "", "id": "2"}, {"prompt": ["not", "text"], "id": "3"}]
     with pytest.raises(

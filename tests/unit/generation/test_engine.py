@@ -263,8 +263,9 @@ def test_a_row_can_ask_for_some_of_its_samples_only(tiny):
         {"bad_words_ids": "frequent"},
         {"min_new_tokens": 10},
         {"min_length": 40},
+        {"min_new_tokens": 6, "min_length": 70},
     ],
-    ids=["ngram2", "ngram3+penalty", "penalty", "bad_words", "min_new_tokens", "min_length"],
+    ids=["ngram2", "ngram3+penalty", "penalty", "bad_words", "min_new_tokens", "min_length", "min_new_tokens_wins"],
 )
 def test_the_models_bans_equal_transformers_own_processors(tiny, rules):
     """Greedy fp32 rows of different lengths decoding together: each as `model.generate` gives it alone."""
