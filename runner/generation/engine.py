@@ -337,7 +337,7 @@ class Engine:
         positions = torch.tensor([[s.length] for s in self.seqs], device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.seqs), 1))], dim=1)
         error = None
-        try:
+        try:  # the forward and the choice ([sequences, vocabulary] scores): running out in either is the same
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
@@ -345,16 +345,18 @@ class Engine:
                 past_key_values=self.cache,
                 use_cache=True,
             )
+            choice = self._chooser.choose(out.logits[:, -1], self.seqs, self.seen)
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is not None:
+            out = None
             _free_memory()
             self.oom_events += 1
             self._undo_step()
             yield from self._evict(waiting, error)
             return
+        del out
         self.mask = mask
-        choice = self._chooser.choose(out.logits[:, -1], self.seqs, self.seen)
         self.seen = _took(self.seen, choice)
         for i, s in enumerate(self.seqs):
             s.length += 1

@@ -42,6 +42,11 @@ def verify_run(uri: str) -> Verdict:
         verdict.problems.append(f"{name}: listed in the manifest but missing")
     keys: Counter = Counter()
     samples = manifest.get("config", {}).get("generation", {}).get("num_return_sequences", 1)
+    config = manifest.get("config", {})
+    # the contract's columns, the optional ones where the run has them (logprobs, an adapter)
+    expected = output.contract_fields(
+        config.get("generation", {}).get("logprobs") is not None, bool(config.get("model", {}).get("adapter"))
+    )
     for name in sorted(set(listed) & present):
         table = _read(out, name, verdict)
         if table is None:
@@ -50,7 +55,7 @@ def verify_run(uri: str) -> Verdict:
         verdict.rows += table.num_rows
         if table.num_rows != listed[name]:
             verdict.problems.append(f"{name}: {table.num_rows} rows, the manifest says {listed[name]}")
-        _check_schema(name, table.schema, manifest["config_hash"], verdict)
+        _check_schema(name, table.schema, manifest["config_hash"], verdict, expected)
         if "id" in table.column_names and "sample_index" in table.column_names:
             pairs = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
             keys.update(pairs)
@@ -86,8 +91,8 @@ def _read(out: output.OutputDir, name: str, verdict: Verdict) -> pa.Table | None
         return None
 
 
-def _check_schema(name: str, schema: pa.Schema, config_hash: str, verdict: Verdict) -> None:
-    for expected in output.BASE_FIELDS:
+def _check_schema(name: str, schema: pa.Schema, config_hash: str, verdict: Verdict, fields: list[pa.Field]) -> None:
+    for expected in fields:
         if expected.name not in schema.names:
             verdict.problems.append(f"{name}: column {expected.name!r} is missing")
         elif schema.field(expected.name).type != expected.type:

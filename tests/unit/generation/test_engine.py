@@ -174,9 +174,12 @@ def test_repetition_penalty_is_transformers_own_row_by_row():
     assert not torch.equal(ours, scores)
 
 
-@pytest.mark.parametrize("penalty", [None, 1.3], ids=["plain", "repetition_penalty"])
-def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny, penalty):
-    """Decode steps that do not fit send sequences back to wait; their reruns draw the same tokens."""
+@pytest.mark.parametrize(
+    "penalty,where", [(None, "forward"), (1.3, "forward"), (1.3, "choosing")], ids=["plain", "penalty", "choosing"]
+)
+def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny, penalty, where):
+    """Decode steps that do not fit (the forward, or choosing tokens over [sequences, vocabulary] scores) send
+    sequences back to wait; their reruns draw the same tokens."""
     import torch
 
     model, tokenizer = tiny
@@ -192,9 +195,19 @@ def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny, penalty):
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
         return forward(input_ids=input_ids, **kwargs)
 
-    model.forward = tight
+    squeezed = engine(tiny, **settings)
+    if where == "forward":
+        model.forward = tight
+    else:
+        choose = squeezed._chooser.choose
+
+        def tight_choice(logits, seqs, seen=None):
+            if len(seqs) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return choose(logits, seqs, seen)
+
+        squeezed._chooser.choose = tight_choice
     try:
-        squeezed = engine(tiny, **settings)
         out = squeezed.generate_all(rows)
     finally:
         model.forward = forward
