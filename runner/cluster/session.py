@@ -53,7 +53,8 @@ class Session:
         # What preparing a row depends on: the input, the model (tokenizer, template) and the room left in the
         # context for generation (too-long prompts are refused or cut against it).
         # The chunks are cut to the sort window, so a sweep over it prepares again.
-        return _key(asdict(job.dataset), asdict(job.model), job.generation.max_new_tokens, job.batching.sort_window)
+        model = {k: v for k, v in asdict(job.model).items() if k != "adapter"}  # tokenizing does not depend on it
+        return _key(asdict(job.dataset), model, job.generation.max_new_tokens, job.batching.sort_window)
 
     def warm_workers(self, job: JobConfig, model_path: str, model_revision: str, adapter: str | None = None) -> None:
         """Start one of this job's workers now, while its first window is prepared: it imports the model code

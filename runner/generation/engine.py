@@ -158,6 +158,7 @@ class Engine:
         self.device = model.device
         self.oom_events = 0  # out-of-memory errors met (prefill and decode), over the engine's life
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
+        _check_bad_words(decoding, getattr(getattr(model, "config", None), "vocab_size", None))
         self._chooser = Chooser(decoding)
         self._joinable = kvcache.joinable(kvcache.new_cache(model))
         self._failing_rows = faults.failing_rows()
@@ -442,9 +443,9 @@ class Engine:
         return result
 
     def _named(self, top: list[list[tuple[int, float]]]) -> list[list[tuple[int, str, float]]]:
-        """Each step's most likely tokens with their text (each token decoded alone, special tokens kept)."""
+        """Each step's most likely tokens with their text, special tokens kept (see `token_texts`)."""
         ids = sorted({i for step in top for i, _ in step})
-        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
+        text = dict(zip(ids, token_texts(self.tokenizer, ids)))
         return [[(i, text[i], lp) for i, lp in step] for step in top]
 
     # -- out of memory -------------------------------------------------------------------------
@@ -496,6 +497,16 @@ def stop_tokens(tokenizer: Any, stop_strings: tuple[str, ...]) -> tuple[frozense
     return ids, tuple(s for s in stop_strings if s not in special)
 
 
+def _check_bad_words(decoding: Decoding, vocab: int | None) -> None:
+    """Refuse bad_words_ids beyond the vocabulary (as transformers does), before a step indexes with them."""
+    outside = [w for w in decoding.rules.bad_words_ids if vocab and any(not 0 <= t < vocab for t in w)]
+    if outside:
+        raise ValueError(
+            f"bad_words_ids {[list(w) for w in outside[:3]]}: token ids outside the model's vocabulary of {vocab}; "
+            "fix bad_words_ids in the model's generation_config.json"
+        )
+
+
 def stop_enders(tokenizer: Any, stop_texts: tuple[str, ...]) -> frozenset[int] | None:
     """The tokens that can complete one of `stop_texts`, or None where any token may.
 
@@ -506,9 +517,29 @@ def stop_enders(tokenizer: Any, stop_texts: tuple[str, ...]) -> frozenset[int] |
     """
     if not stop_texts or any(s[-1].isspace() for s in stop_texts):
         return None
-    last = {s[-1] for s in stop_texts}
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-    return frozenset(i for i, t in enumerate(texts) if not t or "\ufffd" in t or any(c in t for c in last))
+    key = (id(tokenizer), len(tokenizer), stop_texts)  # every sweep point builds an engine: decode the vocabulary once
+    if key not in _STOP_ENDERS:
+        last = {s[-1] for s in stop_texts}
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        found = frozenset(i for i, t in enumerate(texts) if not t or "\ufffd" in t or any(c in t for c in last))
+        _STOP_ENDERS[key] = found
+    return _STOP_ENDERS[key]
+
+
+_STOP_ENDERS: dict[tuple[int, int, tuple[str, ...]], frozenset[int]] = {}
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it reads inside a completion: decoded after an anchor token, the anchor's text
+    cut off. Decoded alone, SentencePiece tokenizers (Llama-2, Mistral, Gemma) drop a token's leading space."""
+    raw = {"clean_up_tokenization_spaces": False}  # the token's own characters, no " ," -> "," clean-up
+    alone = tokenizer.batch_decode([[i] for i in ids], **raw)
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    if not anchor:
+        return alone
+    prefix = tokenizer.decode(anchor, **raw)
+    texts = tokenizer.batch_decode([anchor + [i] for i in ids], **raw)
+    return [t[len(prefix) :] if t.startswith(prefix) else a for t, a in zip(texts, alone)]
 
 
 def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import ConfigError, listing
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -59,6 +62,14 @@ def read_adapter(path: str) -> Adapter:
     if peft_type != "LORA":
         raise ConfigError(
             [f"model.adapter={path!r}: a {peft_type or 'unknown'} adapter; only LoRA adapters are applied"]
+        )
+    own = [f for f in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja") if (folder / f).is_file()]
+    if own or config.get("modules_to_save"):
+        log.warning(
+            "model.adapter=%s holds %s: the runner tokenizes with the base model's tokenizer and chat template; "
+            "an adapter trained with added tokens or another template needs them in the base model's folder",
+            path,
+            ", ".join(own + [f"modules_to_save={config.get('modules_to_save')}"] * bool(config.get("modules_to_save"))),
         )
     digest = hashlib.sha256()
     for f in (folder / ADAPTER_CONFIG, weights[0]):

@@ -400,7 +400,8 @@ def test_logprobs_are_the_models_own_as_transformers_computes_them(tiny, sampled
         assert torch.allclose(
             torch.tensor([[lp for _, _, lp in s] for s in f.result.top_logprobs]), top_values, atol=1e-4
         )
-        assert all(text == tokenizer.decode([i]) for step in f.result.top_logprobs for i, text, _ in step)
+        raw = {"clean_up_tokenization_spaces": False}  # byte-level BPE: a token reads as it decodes alone
+        assert all(text == tokenizer.decode([i], **raw) for step in f.result.top_logprobs for i, text, _ in step)
 
 
 def test_logprobs_zero_gives_the_chosen_tokens_only(tiny):
@@ -420,3 +421,11 @@ def test_only_rows_whose_new_token_can_end_a_stop_string_are_decoded(tiny):
     assert all(i in enders for i, t in texts.items() if "#" in t or "D" in t)
     assert tokenizer.encode(" the")[0] not in enders and 0 < len(enders) < len(tokenizer) // 4
     assert stop_enders(tokenizer, ("Answer: ",)) is None and stop_enders(tokenizer, ()) is None
+
+
+def test_bad_words_outside_the_vocabulary_are_refused(tiny):
+    from runner.generation.processors import Rules
+
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"bad_words_ids \[\[5, 999999\]\]: token ids outside the model's vocabulary"):
+        engine(tiny, rules=Rules(bad_words_ids=((5, 999999),)))
