@@ -121,6 +121,16 @@ class Banner:
         return scores
 
 
+def check_vocabulary(rules: Rules, vocab: int | None) -> None:
+    """Refuse bad_words_ids beyond the vocabulary (as transformers does), before a step indexes with them."""
+    outside = [w for w in rules.bad_words_ids if vocab and any(not 0 <= t < vocab for t in w)]
+    if outside:
+        raise ValueError(
+            f"bad_words_ids {[list(w) for w in outside[:3]]}: token ids outside the model's vocabulary of {vocab}; "
+            "fix bad_words_ids in the model's generation_config.json"
+        )
+
+
 def _ends_with(prompt: Sequence[int], generated: Sequence[int], part: tuple[int, ...]) -> bool:
     """Whether prompt + generated ends with `part` (without building prompt + generated)."""
     k = len(part)

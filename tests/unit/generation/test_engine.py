@@ -413,7 +413,7 @@ def test_logprobs_zero_gives_the_chosen_tokens_only(tiny):
 
 
 def test_only_rows_whose_new_token_can_end_a_stop_string_are_decoded(tiny):
-    from runner.generation.engine import stop_enders
+    from runner.generation.text import stop_enders
 
     _, tokenizer = tiny
     enders = stop_enders(tokenizer, ("###", "END"))
