@@ -24,6 +24,7 @@ rows through it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ from runner.generation import kvcache
 from runner.generation.processors import NgramTable, check_vocabulary
 from runner.generation.sampling import Choice, Chooser, Decoding, presence, stream_key
 from runner.generation.text import stop_enders, stop_tokens, token_texts
+
+log = logging.getLogger(__name__)
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
@@ -161,7 +164,15 @@ class Engine:
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
         check_vocabulary(decoding.rules, getattr(getattr(model, "config", None), "vocab_size", None))
         self._chooser = Chooser(decoding)
-        self._joinable = kvcache.joinable(kvcache.new_cache(model))
+        probe = kvcache.new_cache(model)
+        self._joinable = kvcache.joinable(probe)
+        self._window = kvcache.window(probe)  # every layer slides: columns older than it are cut
+        if not self._joinable:
+            log.warning(
+                "this model's KV cache (%s) cannot be joined or cut: rows are read only into an empty running "
+                "set, in one prefill group, and out of memory sends every row back to wait",
+                kvcache.layer_kinds(probe),
+            )
         self._failing_rows = faults.failing_rows()
         # A stop string that is one of the tokenizer's added tokens (`<|im_end|>`, `<end_of_turn>`) ends a
         # sequence like EOS does: its text never appears once special tokens are skipped.
@@ -364,6 +375,8 @@ class Engine:
             s.length += 1
             s.took(choice, i)
         yield from self._retire()
+        if self.seqs and self._stale() >= CUT_MIN:  # a sliding window left columns behind: cut them
+            self._select(list(range(len(self.seqs))))
 
     def _undo_step(self) -> None:
         """Layers that took the failed step's column before memory ran out give it back."""
@@ -404,9 +417,17 @@ class Engine:
             self.seen = self.seen.index_select(0, rows)
         used = mask.any(dim=0)
         cut = int(used.int().argmax()) if self._joinable and bool(used.any()) else 0
+        cut = max(cut, self._stale())
         cut = cut if cut >= CUT_MIN else 0
         self.mask = mask[:, cut:]
         kvcache.select(self.cache, keep, self.device, cut)
+
+    def _stale(self) -> int:
+        """Leading cache columns outside every row's sliding window (none unless every layer slides).
+
+        The next step's query sits at column `width`; a window of W sees columns width - W + 1 .. width.
+        """
+        return max(0, self.mask.shape[1] - self._window + 1) if self._window else 0
 
     def _row_error(self, s: _Sequence, error: str) -> SequenceResult:
         message = f"row {s.row.row_id!r} failed: {error}"
@@ -454,7 +475,7 @@ class Engine:
     def _evict(self, waiting: deque[_Waiting], error: str) -> Iterator[Finished]:
         """A decode step did not fit: the newest half of the running set waits again (or one row fails).
 
-        A cache that cannot be cut (sliding-window, hybrid) sends every row back to wait instead.
+        A cache that cannot be cut (chunked or linear attention: see `kvcache`) sends every row back to wait.
         """
         cost = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
         self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))

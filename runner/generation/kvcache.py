@@ -10,8 +10,14 @@ happens once per `GROW` steps (a join or a cut copies the cache once, into a buf
 The engine changes the batch between steps: rows leave (`select`, which also cuts the
 columns only padding uses any more), prefilled rows join (`join`, left-padded to one width). These
 assign new tensors to a layer's `keys`/`values`; the layer adopts them at its next update.
-Caches whose layers are not plain growing ones (sliding-window, hybrid) are left as
-transformers builds them; `joinable` tells the engine so.
+Sliding-window layers (Mistral, Gemma-2/3's local layers, Phi-3) are growing layers too: they
+keep every position and the model's own sliding-window mask hides what lies outside a row's
+window. A row's tokens sit contiguous at the right end of the cache, so distances between cache
+columns are distances between positions, whatever padding a join or a cut left; the window
+therefore covers the same tokens as in a cache of that row alone. This costs full-attention memory
+on those layers (the token budget counts them so). A cache where every layer slides drops the
+columns no row can see any more (`stale_columns`). Other kinds of layers (chunked attention,
+linear attention, Mamba states) are left as transformers builds them; `joinable` tells the engine so.
 """
 
 from __future__ import annotations
@@ -104,17 +110,46 @@ class GrowingLayer(DynamicLayer):
         self._views = (self.keys, self.values)
 
 
+class SlidingLayer(GrowingLayer):
+    """A growing layer of a sliding-window attention layer: it keeps every position, the mask applies the window."""
+
+    is_sliding = True  # the model builds this layer's mask as a sliding-window one
+
+    def __init__(self, sliding_window: int) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+
+
 def new_cache(model: Any) -> Any:
-    """A DynamicCache for `model`, with growing layers where its layers are plain full-attention ones."""
+    """A DynamicCache for `model`, with growing layers where all its layers are full or sliding-window attention."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
     cache = DynamicCache(config=model.config)
-    if joinable(cache):
-        cache.layers = [GrowingLayer() for _ in cache.layers]
+    kinds, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    if len(kinds) == len(cache.layers) and all(kind in _GROWING for kind in kinds):
+        cache.layers = [_GROWING[kind](**kw) for kind, kw in zip(kinds, kwargs)]
     return cache
 
 
+_GROWING = {"full_attention": GrowingLayer, "sliding_attention": SlidingLayer}
+
+
 def joinable(cache: Any) -> bool:
-    """Whether caches of this kind can be joined and cut (every layer a plain full-attention one)."""
-    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
+    """Whether caches of this kind can be joined and cut (every layer a full or sliding-window attention one)."""
+    return all(isinstance(layer, GrowingLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def layer_kinds(cache: Any) -> str:
+    """The kinds of layer a cache holds, for a log line: `GrowingLayer x 30, SlidingLayer x 2`."""
+    names = [type(layer).__name__ for layer in cache.layers]
+    return ", ".join(f"{n} x {names.count(n)}" for n in dict.fromkeys(names))
+
+
+def window(cache: Any) -> int | None:
+    """The widest sliding window when every layer is a growing one that slides (the columns a row can still
+    see), else None."""
+    windows = [layer.sliding_window if isinstance(layer, SlidingLayer) else None for layer in cache.layers]
+    return max(windows) if windows and None not in windows else None
 
 
 def repeat(cache: Any, counts: Any) -> None:
