@@ -24,7 +24,7 @@ __all__ = [
 _LAZY = {
     "Decoding": "runner.generation.sampling",
     "Engine": "runner.generation.engine",
-    "Limits": "runner.generation.engine",
+    "Limits": "runner.generation.limits",
     "Row": "runner.generation.engine",
     "load_model": "runner.generation.model",
     "memory_budget": "runner.generation.model",

@@ -3,8 +3,10 @@
 `Engine.generate` takes a shard's rows in plan order (sorted by length) and yields each
 sequence as soon as it ends. It keeps a running set of sequences that decode together,
 one token per step. A sequence leaves the set the step it ends (EOS, a stop string,
-`max_new_tokens`), so no decode step is spent on a finished row; when enough slots are
-free, the next waiting rows are read (prefill, in groups of similar length, each group
+`max_new_tokens`), so no token is chosen for a finished row; its cache row stays where it is,
+an empty slot, until the next join's copy drops it (or, with no join coming, until a quarter
+of the rows are empty), so a step where rows end costs what any other step costs. When enough
+slots are free, the next waiting rows are read (prefill, in groups of similar length, each group
 left-padded only to its own longest prompt) and their KV caches join the running set's,
 left-padded to one width. Columns of the cache that only padding uses any more are cut.
 
@@ -12,11 +14,13 @@ Sampling (`runner.generation.sampling`) draws each token from a random stream of
 a uniform number derived from (seed, row id, sample index, step) alone, so the same config
 and data give the same samples whatever the batching, worker count, memory, retry or resume.
 
-Out of memory: a prefill that does not fit puts its rows back and the engine admits
-fewer; a decode step that does not fit sends the newest half of the running set back to
-wait (their samples come out the same when they run again). Either way the learned token
-limit (`Limits.learned`) holds for the rest of the worker's life. A sequence that does
-not fit even alone ends with finish_reason `error` (or raises, with on_row_error=fail).
+Out of memory, wherever in a step (the forward, choosing tokens, growing, joining or cutting the
+cache): a prefill that does not fit puts its rows back and the engine reads fewer prompt tokens
+at once; a decode step that does not fit sends the newest half of the running set back to wait
+(their samples come out the same when they run again) and the running set holds fewer cache
+tokens. The two limits are learned apart and grow back after clean steps (`runner.generation.limits`).
+A sequence that does not fit even alone ends with finish_reason `error` (or raises, with
+on_row_error=fail).
 
 Plain torch and transformers: no Ray, no I/O. `runner.generation.worker` turns a shard into
 rows through it.
@@ -34,6 +38,7 @@ from typing import Any
 from runner import faults, plan
 from runner.errors import RowFailedError, first_line
 from runner.generation import kvcache
+from runner.generation.limits import Limits
 from runner.generation.processors import NgramTable, check_vocabulary
 from runner.generation.sampling import Choice, Chooser, Decoding, presence, stream_key
 from runner.generation.text import stop_enders, stop_tokens, token_texts
@@ -41,22 +46,9 @@ from runner.generation.text import stop_enders, stop_tokens, token_texts
 log = logging.getLogger(__name__)
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
+EMPTY_SHARE = 0.25  # ended rows' cache rows are dropped once they are this share of the cache (or at a join)
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
 STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
-
-
-@dataclass
-class Limits:
-    """How much the running set may hold; `learned` is set after an out-of-memory error and kept."""
-
-    max_sequences: int
-    max_tokens: int | None = None  # KV-cache tokens (sequences x (widest prompt + max_new_tokens)), if bounded
-    step_cost_tokens: int = 64  # padding a prefill group may add before it is cheaper to read two groups
-    learned: int | None = None
-
-    def tokens(self) -> int | None:
-        known = [x for x in (self.max_tokens, self.learned) if x is not None]
-        return min(known) if known else None
 
 
 @dataclass
@@ -141,12 +133,13 @@ class _Prefilled:
     seen: Any = None
 
 
-def _took(seen: Any, choice: Choice) -> Any:
-    """`seen` with each sequence's newly taken token (one indexed write)."""
+def _took(seen: Any, choice: Choice, rows: Any = None) -> Any:
+    """`seen` with each sequence's newly taken token (one indexed write); `rows`: their rows, if not all."""
     if seen is not None:
         import torch
 
-        seen[torch.arange(seen.shape[0], device=seen.device), choice.picked] = True
+        rows = torch.arange(seen.shape[0], device=seen.device) if rows is None else rows
+        seen[rows, choice.picked] = True
     return seen
 
 
@@ -182,7 +175,9 @@ class Engine:
         self._reset()
 
     def _reset(self) -> None:
-        self.seqs: list[_Sequence] = []
+        self.seqs: list[_Sequence] = []  # the running sequences, in cache row order
+        self.slots: list[_Sequence | None] = []  # each cache row's sequence; None: it ended, its row is empty
+        self._live: Any = None  # the rows of `seqs` in the cache, as a tensor; None while no row is empty
         self.cache: Any = None
         self.mask: Any = None  # [sequences, cache width] attention mask of the running set
         self.seen: Any = None  # [sequences, vocabulary] tokens each holds, with a repetition penalty
@@ -212,9 +207,17 @@ class Engine:
     # -- admission -----------------------------------------------------------------------------
 
     def _may_admit(self) -> bool:
-        """Read waiting rows into an empty running set, or (caches that join) once enough slots are free."""
+        """Read waiting rows into an empty running set, or (caches that join) once REFILL_SHARE of its slots
+        and, where the cache's tokens are bounded, REFILL_SHARE of those tokens are free: whichever binds,
+        rows are read in batches, not one per ended sequence (each join copies the whole cache)."""
+        if not self.seqs:
+            return True
         free = self.limits.max_sequences - len(self.seqs)
-        return not self.seqs or (self._joinable and free >= max(1, int(self.limits.max_sequences * REFILL_SHARE)))
+        if not self._joinable or free < max(1, int(self.limits.max_sequences * REFILL_SHARE)):
+            return False
+        limit = self.limits.tokens()
+        held = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
+        return limit is None or limit - held >= limit * REFILL_SHARE
 
     def _cost(self, seqs: int, widest: int) -> int:
         return seqs * (widest + self.decoding.max_new_tokens)
@@ -222,17 +225,19 @@ class Engine:
     def _take(self, waiting: deque[_Waiting]) -> list[_Waiting]:
         """The next waiting rows that fit beside the running set (at least one row when it is empty)."""
         taken: list[_Waiting] = []
-        seqs = len(self.seqs)
+        seqs, read = len(self.seqs), 0
         widest = max((len(s.row.input_ids) for s in self.seqs), default=0)
-        limit = self.limits.tokens()
+        limit, reads = self.limits.tokens(), self.limits.prefill.value
         while waiting:
             nxt = waiting[0]
             more, wider = seqs + len(nxt.samples), max(widest, len(nxt.row.input_ids))
             fits = more <= self.limits.max_sequences and (limit is None or self._cost(more, wider) <= limit)
+            if taken and reads is not None and read + len(nxt.row.input_ids) > reads:
+                break  # one admission reads no more prompt tokens than a prefill that ran out of memory taught
             if not fits and (taken or self.seqs):
                 break
             taken.append(waiting.popleft())
-            seqs, widest = more, wider
+            seqs, widest, read = more, wider, read + len(nxt.row.input_ids)
             if not fits:
                 break
         return taken
@@ -257,8 +262,10 @@ class Engine:
             return
         _free_memory()
         self.oom_events += 1
-        cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
-        self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
+        if len(taken) > 1:  # reading these prompts at once did not fit: read fewer prompt tokens at once
+            self.limits.prefill.failed_at(sum(len(w.row.input_ids) for w in taken))
+        else:  # one row did not fit (beside the running set): the cache holds too much
+            self.limits.cache.failed_at(self._cost(len(self.seqs) + len(taken[0].samples), self._widest(taken)))
         alone = taken[0]
         if len(taken) > 1 or self.seqs:
             waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
@@ -325,6 +332,8 @@ class Engine:
         import torch
         from torch.nn.functional import pad
 
+        if len(self.slots) > len(self.seqs):
+            self._select(self._live_rows())  # the empty rows leave first, in place
         self.joins += bool(self.seqs)
         pieces = ([_Prefilled(self.cache, self.mask, self.seqs, self.seen)] if self.seqs else []) + parts
         width = max(p.mask.shape[1] for p in pieces)
@@ -337,6 +346,7 @@ class Engine:
             self.mask, self.seen = mask, seen
         for p in parts:
             self.seqs.extend(p.seqs)
+        self.slots = list(self.seqs)
         for s in (s for p in parts for s in p.seqs):
             s.batch_size = len(self.seqs)
 
@@ -346,9 +356,10 @@ class Engine:
         """One decode step of the whole running set, then the ended sequences leave it."""
         import torch
 
-        tokens = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.device)
-        positions = torch.tensor([[s.length] for s in self.seqs], device=self.device)
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self.seqs), 1))], dim=1)
+        pad = self.decoding.pad_id  # an empty row decodes padding beside the others; nothing is chosen for it
+        tokens = torch.tensor([[s.tokens[-1] if s else pad] for s in self.slots], device=self.device)
+        positions = torch.tensor([[s.length if s else 0] for s in self.slots], device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.slots), 1))], dim=1)
         error = None
         try:  # the forward and the choice ([sequences, vocabulary] scores): running out in either is the same
             out = self.model(
@@ -358,7 +369,11 @@ class Engine:
                 past_key_values=self.cache,
                 use_cache=True,
             )
-            choice = self._chooser.choose(out.logits[:, -1], self.seqs, self.seen)
+            logits, seen = out.logits[:, -1], self.seen
+            if self._live is not None:
+                logits = logits.index_select(0, self._live)
+                seen = seen.index_select(0, self._live) if seen is not None else None
+            choice = self._chooser.choose(logits, self.seqs, seen)
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is not None:
@@ -369,14 +384,15 @@ class Engine:
             yield from self._evict(waiting, error)
             return
         del out
+        self.limits.clean_step()
         self.mask = mask
-        self.seen = _took(self.seen, choice)
+        self.seen = _took(self.seen, choice, self._live)
         for i, s in enumerate(self.seqs):
             s.length += 1
             s.took(choice, i)
         yield from self._retire()
         if self.seqs and self._stale() >= CUT_MIN:  # a sliding window left columns behind: cut them
-            self._select(list(range(len(self.seqs))))
+            self._compact()
 
     def _undo_step(self) -> None:
         """Layers that took the failed step's column before memory ran out give it back."""
@@ -384,43 +400,70 @@ class Engine:
             kvcache.truncate(self.cache, self.mask.shape[1])
 
     def _retire(self) -> Iterator[Finished]:
-        """Ended sequences leave the running set (and their cache rows); padding-only columns are cut."""
+        """Ended sequences leave the running set; their cache rows stay, empty, until the next join drops them
+        or they are EMPTY_SHARE of the cache (caches that cannot join drop them at once)."""
+        import torch
 
-        ended, kept = [], []
-        for i, s in enumerate(self.seqs):
+        ended = []
+        for i, s in enumerate(self.slots):
+            if s is None:
+                continue
             try:
                 result = self._ended(s)
             except Exception as e:  # confined to this row (decoding its text, a stop string): the row fails
                 result = self._row_error(s, f"{type(e).__name__}: {first_line(e, 200)}")
-            if result is None:
-                kept.append(i)
-            else:
+            if result is not None:
                 ended.append((s, result))
+                self.slots[i] = None
         if not ended:
             return
+        self.seqs = [s for s in self.slots if s is not None]
         now = time.perf_counter()
         for s, result in ended:
             yield Finished(s.row.key, s.sample, result, s.batch_size, s.padded_length, s.steps, now - s.admitted_at)
-        if not kept:
+        if not self.seqs:
             self._reset()
             return
-        self.seqs = [self.seqs[i] for i in kept]
-        self._select(kept)
+        empty = len(self.slots) - len(self.seqs)
+        if not self._joinable or empty >= max(1, int(len(self.slots) * EMPTY_SHARE)):
+            self._compact()
+        else:
+            self._live = torch.tensor(self._live_rows(), device=self.device)
+
+    def _live_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
 
     def _select(self, keep: list[int]) -> None:
-        """Keep the running set's rows `keep`; cut cache columns that only padding uses, once there are CUT_MIN."""
+        """Keep the cache's rows `keep` (ascending, each a live sequence's); cut the cache columns that only
+        padding uses (or a sliding window has left), once there are CUT_MIN.
+
+        Raises torch.OutOfMemoryError, with the running set as it was, if the selection does not fit.
+        """
         import torch
 
         rows = torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, rows)
-        if self.seen is not None:
-            self.seen = self.seen.index_select(0, rows)
-        used = mask.any(dim=0)
-        cut = int(used.int().argmax()) if self._joinable and bool(used.any()) else 0
+        seen = self.seen.index_select(0, rows) if self.seen is not None else None
+        cut = int(mask.any(dim=0).int().argmax()) if self._joinable else 0  # the first column a kept row uses
         cut = max(cut, self._stale())
         cut = cut if cut >= CUT_MIN else 0
-        self.mask = mask[:, cut:]
-        kvcache.select(self.cache, keep, self.device, cut)
+        kvcache.select(self.cache, keep, self.device, cut)  # changes nothing if it runs out of memory
+        self.mask, self.seen = mask[:, cut:], seen
+        self.slots = [self.slots[i] for i in keep]
+        self.seqs = [s for s in self.slots if s is not None]
+        self._live = None
+
+    def _compact(self) -> None:
+        """Drop the empty rows (and cut columns) now, or, if that does not fit, at a later step."""
+        import torch
+
+        live = self._live_rows()
+        try:
+            self._select(live)
+        except _oom_errors():
+            _free_memory()
+            self.oom_events += 1
+            self._live = torch.tensor(live, device=self.device) if len(live) < len(self.slots) else None
 
     def _stale(self) -> int:
         """Leading cache columns outside every row's sliding window (none unless every layer slides).
@@ -475,27 +518,32 @@ class Engine:
     def _evict(self, waiting: deque[_Waiting], error: str) -> Iterator[Finished]:
         """A decode step did not fit: the newest half of the running set waits again (or one row fails).
 
-        A cache that cannot be cut (chunked or linear attention: see `kvcache`) sends every row back to wait.
+        A cache that cannot be cut (chunked or linear attention: see `kvcache`), or a selection that does
+        not fit either, sends every row back to wait.
         """
-        cost = self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs))
-        self.limits.learned = max(1, min(self.limits.learned or cost, cost // 2))
+        self.limits.cache.failed_at(self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs)))
         if len(self.seqs) == 1:
             s = self.seqs[0]
             self._reset()
             yield from self._fail(_Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
             return
-        keep = len(self.seqs) - len(self.seqs) // 2 if self._joinable else 0
+        seqs = self.seqs
+        keep = len(seqs) - len(seqs) // 2 if self._joinable else 0
+        if keep:
+            try:
+                self._select(self._live_rows()[:keep])  # the empty rows leave too
+            except _oom_errors():
+                _free_memory()
+                self.oom_events += 1
+                keep = 0
         back: dict[int, _Waiting] = {}
-        for s in self.seqs[keep:]:
+        for s in seqs[keep:]:
             w = back.setdefault(id(s.row), _Waiting(s.row, [], admitted_at=s.admitted_at))
             w.samples.append(s.sample)
             w.steps[s.sample] = s.steps
         waiting.extendleft(reversed(list(back.values())))
         if keep == 0:
             self._reset()
-            return
-        self.seqs = self.seqs[:keep]
-        self._select(list(range(keep)))
 
     def _fail(self, w: _Waiting, error: str) -> Iterator[Finished]:
         message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {error}"

@@ -67,40 +67,36 @@ class GrowingLayer(DynamicLayer):
         self._views = (self.keys, self.values)
         return self.keys, self.values
 
-    def hold(self, keys: Any, values: Any, room: int) -> None:
-        """Take `keys`/`values` [rows, heads, used, dim] into fresh buffers with `room` spare positions."""
-        import torch
-
-        used = keys.shape[2]
-        buf_k = torch.empty((*keys.shape[:2], used + room, keys.shape[3]), dtype=keys.dtype, device=keys.device)
-        buf_v = torch.empty((*values.shape[:2], used + room, values.shape[3]), dtype=values.dtype, device=values.device)
-        buf_k[:, :, :used] = keys
-        buf_v[:, :, :used] = values
-        self.take(buf_k, buf_v, used)
-
     def take(self, buf_k: Any, buf_v: Any, used: int) -> None:
         """Use these buffers, of which the first `used` positions hold the cache."""
         self._buffers = (buf_k, buf_v)
         self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
         self._views = (self.keys, self.values)
 
-    def compact(self, index: Any, rows: int, moved_from: int) -> bool:
-        """Keep the rows `index` (ascending, a tensor of `rows`): rows from `moved_from` on move down, in place,
-        in one indexed copy per buffer whichever rows left (the rows before it are where they were).
+    def compact(self, index: Any, moved_from: int, cut: int, scratch: tuple[Any, Any]) -> None:
+        """Keep the rows `index` (ascending) without their first `cut` positions, in place in the buffers.
 
-        False if the layer is not holding its buffers (a join or a cut assigned new tensors).
+        Rows from `moved_from` on are gathered into `scratch` (keys, values: [moved rows, heads, used - cut,
+        dim]), then written down; rows before it stay where they are (all of them move when `cut`). The
+        buffers keep their size: what is cut becomes room at the end. Nothing is allocated here.
         """
-        if self._buffers is None or self._views is None or self.keys is not self._views[0]:
-            return False
+        import torch
+
+        self.own()
         buf_k, buf_v = self._buffers
-        used = self.keys.shape[2]
-        if moved_from < rows:  # the used positions only; the gather copies before anything is overwritten
-            buf_k[moved_from:rows, :, :used] = buf_k[:, :, :used].index_select(0, index[moved_from:])
-            buf_v[moved_from:rows, :, :used] = buf_v[:, :, :used].index_select(0, index[moved_from:])
+        used, rows = self.keys.shape[2], index.shape[0]
+        if moved_from < rows:
+            for buf, into in ((buf_k, scratch[0]), (buf_v, scratch[1])):
+                torch.index_select(buf[:, :, cut:used], 0, index[moved_from:], out=into)
+                buf[moved_from:rows, :, : used - cut].copy_(into)
         self._buffers = (buf_k[:rows], buf_v[:rows])
-        self.keys, self.values = buf_k[:rows, :, :used], buf_v[:rows, :, :used]
+        self.keys, self.values = buf_k[:rows, :, : used - cut], buf_v[:rows, :, : used - cut]
         self._views = (self.keys, self.values)
-        return True
+
+    def own(self) -> None:
+        """Hold the current keys/values as its buffers if someone assigned them (a join, a repeat)."""
+        if self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]:
+            self._adopt()
 
     def _adopt(self) -> None:
         if self.keys is None or self.keys.numel() == 0:
@@ -136,7 +132,7 @@ _GROWING = {"full_attention": GrowingLayer, "sliding_attention": SlidingLayer}
 
 def joinable(cache: Any) -> bool:
     """Whether caches of this kind can be joined and cut (every layer a full or sliding-window attention one)."""
-    return all(isinstance(layer, GrowingLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+    return all(isinstance(layer, GrowingLayer) for layer in cache.layers)
 
 
 def layer_kinds(cache: Any) -> str:
@@ -223,8 +219,9 @@ def _per_device(tensor: Any) -> Any:
 def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     """Keep only the rows `keep` (ascending), without their first `cut` positions (padding no kept row uses).
 
-    Growing layers with nothing to cut move the kept rows to the front in place (one indexed copy
-    per buffer, and the buffer keeps its room); otherwise one copy into a new buffer.
+    Growing layers are compacted in place: the rows that move (all of them with a cut) are gathered
+    into scratch space of one layer's size, allocated before any layer changes, so running out of
+    memory here leaves the cache as it was; then two copies per layer, whichever rows left.
     """
     import torch
 
@@ -232,17 +229,19 @@ def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     if not joinable(cache):
         cache.reorder_cache(index)  # some layers hold no keys (linear attention)
         return
-    moved_from = next((j for j, i in enumerate(keep) if i != j), len(keep))  # rows before it stay in place
+    moved_from = 0 if cut else next((j for j, i in enumerate(keep) if i != j), len(keep))
     on = _per_device(index)
+    scratch: dict[tuple, tuple[Any, Any]] = {}
+    for layer in cache.layers:  # every scratch buffer first: nothing has changed if one does not fit
+        layer.own()
+        shape = (len(keep) - moved_from, layer.keys.shape[1], layer.keys.shape[2] - cut)
+        key = (shape, layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype, layer.keys.device)
+        if key not in scratch and moved_from < len(keep):
+            scratch[key] = (layer.keys.new_empty((*shape, key[1])), layer.values.new_empty((*shape, key[2])))
     for layer in cache.layers:
-        here = on(layer.keys.device)
-        if isinstance(layer, GrowingLayer) and cut == 0 and layer.compact(here, len(keep), moved_from):
-            continue
-        keys, values = layer.keys[:, :, cut:].index_select(0, here), layer.values[:, :, cut:].index_select(0, here)
-        if isinstance(layer, GrowingLayer):
-            layer.hold(keys, values, GROW)
-        else:
-            layer.keys, layer.values = keys, values
+        shape = (len(keep) - moved_from, layer.keys.shape[1], layer.keys.shape[2] - cut)
+        key = (shape, layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype, layer.keys.device)
+        layer.compact(on(layer.keys.device), moved_from, cut, scratch.get(key, (None, None)))
 
 
 def truncate(cache: Any, width: int) -> None:

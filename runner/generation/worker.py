@@ -182,7 +182,7 @@ class ShardGenerator:
         self.tokenizer = input_lib.load_tokenizer(path, model_cfg)
         self.model = model_lib.load_model(path, model_cfg, first, gpus)
         # What the running set may hold when the job sets no batching.max_batch_tokens; the engine
-        # lowers it for good after an out-of-memory error (Limits.learned), across shards and sweep points.
+        # learns lower limits from out-of-memory errors (runner.generation.limits), across shards and sweep points.
         self.memory_budget, self.memory_budget_note = model_lib.memory_budget(self.model, first, gpus, self.threads)
         self.limits = Limits(max_sequences=1)
         self.setup = setup

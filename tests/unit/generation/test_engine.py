@@ -174,51 +174,118 @@ def test_repetition_penalty_is_transformers_own_row_by_row():
     assert not torch.equal(ours, scores)
 
 
-@pytest.mark.parametrize(
-    "penalty,where", [(None, "forward"), (1.3, "forward"), (1.3, "choosing")], ids=["plain", "penalty", "choosing"]
-)
-def test_out_of_memory_evicts_and_reruns_to_the_same_samples(tiny, penalty, where):
-    """Decode steps that do not fit (the forward, or choosing tokens over [sequences, vocabulary] scores) send
-    sequences back to wait; their reruns draw the same tokens."""
+def out_of_memory(what: str = "test"):
     import torch
 
-    model, tokenizer = tiny
-    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6, "repetition_penalty": penalty}
-    rows = rows_of(tokenizer, [9, 21, 14])
-    free = engine(tiny, **settings).generate_all(rows)
+    return torch.OutOfMemoryError(f"CUDA out of memory (injected: {what})")
 
-    forward, sizes = model.forward, []
 
-    def tight(input_ids=None, **kwargs):  # room for one sequence at a time
-        sizes.append(input_ids.shape[0])
-        if input_ids.shape[0] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return forward(input_ids=input_ids, **kwargs)
+def squeeze(monkeypatch, model, engine_, where: str) -> None:
+    """Make `where` run out of memory (torch's real OutOfMemoryError) whenever it handles more than one row."""
+    from runner.generation import kvcache
 
-    squeezed = engine(tiny, **settings)
-    if where == "forward":
-        model.forward = tight
-    else:
-        choose = squeezed._chooser.choose
+    if where == "forward":  # before any layer runs
+        forward = model.forward
+
+        def tight(input_ids=None, **kwargs):
+            if input_ids.shape[0] > 1:
+                raise out_of_memory(where)
+            return forward(input_ids=input_ids, **kwargs)
+
+        monkeypatch.setattr(model, "forward", tight)
+    elif where == "half-way":  # the second of the model's two layers: the first has written its keys
+        layer = model.model.layers[1]
+        layer_forward = layer.forward
+
+        def tight_layer(hidden_states, *args, **kwargs):
+            if hidden_states.shape[0] > 1:
+                raise out_of_memory(where)
+            return layer_forward(hidden_states, *args, **kwargs)
+
+        monkeypatch.setattr(layer, "forward", tight_layer)
+    elif where == "choosing":
+        choose = engine_._chooser.choose
 
         def tight_choice(logits, seqs, seen=None):
             if len(seqs) > 1:
-                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+                raise out_of_memory(where)
             return choose(logits, seqs, seen)
 
-        squeezed._chooser.choose = tight_choice
-    try:
-        out = squeezed.generate_all(rows)
-    finally:
-        model.forward = forward
+        monkeypatch.setattr(engine_._chooser, "choose", tight_choice)
+    elif where == "growing":  # a layer past the first must grow its buffer (room for 2 positions at a time)
+        monkeypatch.setattr(kvcache, "GROW", 2)
+        update = kvcache.GrowingLayer.update
+
+        def tight_update(self, key_states, value_states, *args, **kwargs):
+            self.own()
+            buffers, used = self._buffers, (self.keys.shape[-2] if self._buffers is not None else 0)
+            grows = buffers is None or buffers[0].shape[-2] < used + key_states.shape[-2]
+            if grows and key_states.shape[0] > 1 and self is not model_layers[0]:
+                raise out_of_memory(where)
+            return update(self, key_states, value_states, *args, **kwargs)
+
+        model_layers: list = []
+        new_cache = kvcache.new_cache
+
+        def watched_cache(m):
+            cache = new_cache(m)
+            model_layers[:] = [cache.layers[0]]
+            return cache
+
+        monkeypatch.setattr(kvcache.GrowingLayer, "update", tight_update)
+        monkeypatch.setattr(kvcache, "new_cache", watched_cache)
+    elif where == "joining":
+        join = kvcache.join
+
+        def tight_join(caches, width):
+            if len(caches) > 1:
+                raise out_of_memory(where)
+            return join(caches, width)
+
+        monkeypatch.setattr(kvcache, "join", tight_join)
+    elif where == "selecting":
+        select = kvcache.select
+
+        def tight_select(cache, keep, device, cut=0):
+            if len(keep) > 1:
+                raise out_of_memory(where)
+            return select(cache, keep, device, cut)
+
+        monkeypatch.setattr(kvcache, "select", tight_select)
+
+
+@pytest.mark.parametrize(
+    "penalty,where",
+    [
+        (None, "forward"),
+        (1.3, "forward"),
+        (None, "half-way"),
+        (1.3, "choosing"),
+        (None, "growing"),
+        (None, "joining"),
+        (None, "selecting"),
+    ],
+    ids=["forward", "forward-penalty", "half-way", "choosing", "growing", "joining", "selecting"],
+)
+def test_out_of_memory_anywhere_in_a_step_reruns_to_the_same_samples(tiny, monkeypatch, penalty, where):
+    """Whatever runs out of memory (the forward before or half-way through the layers, choosing tokens over
+    [sequences, vocabulary] scores, growing, joining or cutting the cache), rows go back to wait or stay
+    put, and every sequence comes out as without the fault: its reruns draw the same tokens."""
+    model, tokenizer = tiny
+    settings = {"do_sample": True, "samples": 2, "seed": 5, "max_new_tokens": 6, "repetition_penalty": penalty}
+    lengths = [9, 21, 14, 30, 5]
+    probe = engine(tiny, **settings).generate_all(rows_of(tokenizer, lengths))
+    generated = [t for f in probe for t in f.result.tokens[1:]]
+    eos = [max(set(generated), key=lambda t: (generated.count(t), t))]  # ends some sequences early
+    free = engine(tiny, max_sequences=4, eos=eos, **settings).generate_all(rows_of(tokenizer, lengths))
+    assert len({f.result.completion_tokens for f in free}) > 1
+    squeezed = engine(tiny, max_sequences=4, eos=eos, **settings)
+    squeeze(monkeypatch, model, squeezed, where)
+    out = squeezed.generate_all(rows_of(tokenizer, lengths))
     assert [(f.key, f.sample_index, f.result.tokens) for f in out] == [
         (f.key, f.sample_index, f.result.tokens) for f in free
     ]
-    assert (
-        squeezed.oom_events > 0
-        and squeezed.limits.learned is not None
-        and all(f.result.finish_reason != "error" for f in out)
-    )
+    assert squeezed.oom_events > 0 and all(f.result.finish_reason != "error" for f in out)
     assert sum(f.steps for f in out) >= sum(f.result.completion_tokens for f in out)  # lost work is counted
 
 
@@ -429,3 +496,60 @@ def test_bad_words_outside_the_vocabulary_are_refused(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match=r"bad_words_ids \[\[5, 999999\]\]: token ids outside the model's vocabulary"):
         engine(tiny, rules=Rules(bad_words_ids=((5, 999999),)))
+
+
+def test_after_an_out_of_memory_spike_the_running_set_grows_back(tiny, monkeypatch):
+    """A decode step of 4 wide rows runs out of memory once. The cache limit halves (2 narrower rows fit
+    under it), then grows back after clean steps until 4 narrower rows run together again; never to the
+    size that failed."""
+    import torch
+
+    from runner.generation import limits as limits_lib
+
+    monkeypatch.setattr(limits_lib, "GROW_BACK_STEPS", 2)
+    model, tokenizer = tiny
+    squeezed = engine(tiny, max_sequences=4, max_new_tokens=12)
+    forward, sizes, spikes = model.forward, [], [1]
+
+    def spike(input_ids=None, **kwargs):
+        if input_ids.shape[1] == 1:
+            sizes.append(input_ids.shape[0])
+        if input_ids.shape == (4, 1) and spikes:  # the first decode step of 4 rows: once
+            spikes.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected spike)")
+        return forward(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spike)
+    out = squeezed.generate_all(rows_of(tokenizer, [30] * 4 + [20] * 12))
+    assert squeezed.oom_events == 1 and all(f.result.finish_reason == "length" for f in out)
+    assert squeezed.limits.cache.failed == 4 * (30 + 12)
+    after = sizes[1:]
+    assert after[0] < 4 and 4 in after, f"decode batch sizes after the spike: {sizes}"
+    assert squeezed.limits.cache.value < squeezed.limits.cache.failed
+
+
+def test_when_the_token_budget_binds_rows_are_read_in_batches_not_one_per_ended_row(tiny):
+    """Slots are plenty (64) but the cache's tokens bound the running set (about 10 rows): the engine waits
+    until a quarter of the tokens is free and reads several rows at once, and the rows are as without it."""
+    model, tokenizer = tiny
+    lengths = [5 + (i * 7) % 30 for i in range(40)]
+    probe = engine(tiny, max_new_tokens=12).generate_all(rows_of(tokenizer, lengths))
+    generated = [t for f in probe for t in f.result.tokens[1:]]
+    eos = [max(set(generated), key=lambda t: (generated.count(t), t))]
+    free = engine(tiny, eos=eos, max_new_tokens=12).generate_all(rows_of(tokenizer, lengths))
+    bound = engine(tiny, eos=eos, max_new_tokens=12)
+    bound.limits.max_tokens = 10 * (max(lengths) + 12)
+    take, admitted = bound._take, []
+
+    def watched(waiting):
+        taken = take(waiting)
+        admitted.append(len(taken))
+        return taken
+
+    bound._take = watched
+    out = bound.generate_all(rows_of(tokenizer, lengths))
+    assert [f.result.tokens for f in out] == [f.result.tokens for f in free]
+    assert max(f.batch_size for f in out) <= 10 and bound.joins > 0
+    assert len({f.result.completion_tokens for f in free}) > 3  # rows end at many different steps
+    joined = admitted[1:-1]  # after the first admission (and before the last), each fills a quarter of the budget
+    assert min(joined) >= 2 and len(admitted) <= len(lengths) // 2, f"rows read per admission: {admitted}"

@@ -141,11 +141,13 @@ def test_out_of_memory_admits_fewer_rows_and_the_limit_holds(tiny_llama_dir, tmp
     rows = pq.read_table(tmp_path / "part-0.parquet").to_pylist()
     assert sorted(int(r["id"]) for r in rows) == list(range(16))  # nothing lost, nothing twice
     assert all(r["finish_reason"] in ("stop", "length") and r["batch_size"] <= 2 for r in rows)
-    # 16 rows failed to prefill, then fewer each time (the learned limit halves); once it holds,
-    # the engine admits at most 2 at once and nothing fails again
-    assert fake.failed[0] == 16 and fake.failed == sorted(set(fake.failed), reverse=True)
+    # 16 rows failed to prefill, then fewer each time (the prompt tokens one admission reads halve);
+    # a decode step of 3 rows then failed too (the cache's limit, learned apart); once both hold,
+    # the engine runs at most 2 rows at once and nothing fails again
+    assert fake.failed[0] == 16 and fake.failed == sorted(fake.failed, reverse=True)
     last = max(i for i, n in enumerate(fake.sizes) if n > 2)
-    assert gen.limits.learned is not None and fake.sizes[last] == fake.failed[-1]
+    assert fake.sizes[last] == fake.failed[-1] and all(n <= 2 for n in fake.sizes[last + 1 :])
+    assert gen.limits.prefill.value is not None and gen.limits.cache.value is not None
     assert sum(e.oom_splits for e in events) == len(fake.failed) and sum(e.rows for e in events) == 16
 
 
