@@ -254,7 +254,7 @@ class Engine:
             groups = [list(range(len(taken)))]
         error = None
         try:
-            self._join([self._prefill([taken[i] for i in g]) for g in groups])  # join builds before it assigns
+            self._join([self._prefill([taken[i] for i in g]) for g in groups])
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is None:
@@ -262,6 +262,13 @@ class Engine:
             return
         _free_memory()
         self.oom_events += 1
+        if self.seqs and kvcache.broken(self.cache):  # the join ran out half-way: the running set's cache is lost
+            self.limits.cache.failed_at(self._cost(len(self.seqs) + len(taken), self._widest(taken)))
+            waiting.extendleft(reversed(taken))
+            lost = self.seqs
+            self._reset()
+            self._send_back(waiting, lost)  # they rerun to the same tokens, before the rows that were joining
+            return
         if len(taken) > 1:  # reading these prompts at once did not fit: read fewer prompt tokens at once
             self.limits.prefill.failed_at(sum(len(w.row.input_ids) for w in taken))
         else:  # one row did not fit (beside the running set): the cache holds too much
@@ -339,7 +346,7 @@ class Engine:
         width = max(p.mask.shape[1] for p in pieces)
         if len(pieces) == 1:
             self.cache, self.mask, self.seen = parts[0].cache, parts[0].mask, parts[0].seen
-        else:  # everything built before anything is assigned: running out of memory leaves the set as it was
+        else:  # mask and seen first; the cache is joined layer by layer (see kvcache.join on running out)
             mask = torch.cat([pad(p.mask, (width - p.mask.shape[1], 0)) for p in pieces])
             seen = torch.cat([p.seen for p in pieces]) if self._chooser.penalized else None
             self.cache = kvcache.join([p.cache for p in pieces], width)
@@ -536,14 +543,19 @@ class Engine:
                 _free_memory()
                 self.oom_events += 1
                 keep = 0
+        self._send_back(waiting, seqs[keep:])
+        if keep == 0:
+            self._reset()
+
+    @staticmethod
+    def _send_back(waiting: deque[_Waiting], seqs: list[_Sequence]) -> None:
+        """`seqs` wait again, at the front, in their order; the steps they spent are kept for the count."""
         back: dict[int, _Waiting] = {}
-        for s in seqs[keep:]:
+        for s in seqs:
             w = back.setdefault(id(s.row), _Waiting(s.row, [], admitted_at=s.admitted_at))
             w.samples.append(s.sample)
             w.steps[s.sample] = s.steps
         waiting.extendleft(reversed(list(back.values())))
-        if keep == 0:
-            self._reset()
 
     def _fail(self, w: _Waiting, error: str) -> Iterator[Finished]:
         message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {error}"

@@ -93,6 +93,11 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = buf_k[:rows, :, : used - cut], buf_v[:rows, :, : used - cut]
         self._views = (self.keys, self.values)
 
+    def release(self) -> None:
+        """Let go of this layer's tensors (its rows were joined into another cache)."""
+        self.keys = self.values = None
+        self._buffers = self._views = None
+
     def own(self) -> None:
         """Hold the current keys/values as its buffers if someone assigned them (a join, a repeat)."""
         if self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]:
@@ -163,26 +168,32 @@ def repeat(cache: Any, counts: Any) -> None:
 
 
 def join(caches: list[Any], width: int) -> Any:
-    """One cache of all the rows of `caches`, each left-padded to `width` positions; the first is reused."""
+    """One cache of all the rows of `caches`, each left-padded to `width` positions; the first is reused.
+
+    Layer by layer: each layer's joined buffer is built, then that layer's old buffers are let go, so
+    a join needs the caches it joins plus one layer's joined buffer (and GROW positions of room per
+    layer), not a second copy of everything. Running out of memory on the first layer leaves the
+    caches as they were; later, half-joined: `broken(cache)` says so and the caller drops them.
+    """
     import torch
-    from torch.nn.functional import pad
 
     joined = caches[0]
-    built = []  # every layer first: running out of memory half-way leaves the caches as they were
-    for k in range(len(joined.layers)):
+    for k, target in enumerate(joined.layers):
         layers = [c.layers[k] for c in caches]
-        if isinstance(joined.layers[k], GrowingLayer):  # one copy, straight into a buffer with room
-            built.append(_padded_buffers(layers, width, GROW))
-        else:
-            keys = torch.cat([pad(x.keys, (0, 0, width - x.keys.shape[2], 0)) for x in layers])
-            values = torch.cat([pad(x.values, (0, 0, width - x.values.shape[2], 0)) for x in layers])
-            built.append((keys, values))
-    for target, (keys, values) in zip(joined.layers, built):
-        if isinstance(target, GrowingLayer):
-            target.take(keys, values, width)
-        else:
-            target.keys, target.values = keys, values
+        try:
+            keys, values = _padded_buffers(layers, width, GROW)
+        except torch.OutOfMemoryError:
+            joined.half_joined = k > 0
+            raise
+        for x in layers[1:]:
+            x.release()
+        target.take(keys, values, width)
     return joined
+
+
+def broken(cache: Any) -> bool:
+    """Whether a join ran out of memory after joining some of this cache's layers (its rows are lost)."""
+    return bool(getattr(cache, "half_joined", False))
 
 
 def _padded_buffers(layers: list[Any], width: int, room: int) -> tuple[Any, Any]:

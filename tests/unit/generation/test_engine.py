@@ -243,6 +243,16 @@ def squeeze(monkeypatch, model, engine_, where: str) -> None:
             return join(caches, width)
 
         monkeypatch.setattr(kvcache, "join", tight_join)
+    elif where == "joining-half-way":  # the second of two layers: the first is joined, the running set is lost
+        padded, calls = kvcache._padded_buffers, []
+
+        def tight_buffers(layers, width, room):
+            calls.append(1)
+            if len(calls) % 2 == 0 and sum(x.keys.shape[0] for x in layers) > 2:
+                raise out_of_memory(where)
+            return padded(layers, width, room)
+
+        monkeypatch.setattr(kvcache, "_padded_buffers", tight_buffers)
     elif where == "selecting":
         select = kvcache.select
 
@@ -263,9 +273,10 @@ def squeeze(monkeypatch, model, engine_, where: str) -> None:
         (1.3, "choosing"),
         (None, "growing"),
         (None, "joining"),
+        (1.3, "joining-half-way"),
         (None, "selecting"),
     ],
-    ids=["forward", "forward-penalty", "half-way", "choosing", "growing", "joining", "selecting"],
+    ids=["forward", "forward-penalty", "half-way", "choosing", "growing", "joining", "joining-half-way", "selecting"],
 )
 def test_out_of_memory_anywhere_in_a_step_reruns_to_the_same_samples(tiny, monkeypatch, penalty, where):
     """Whatever runs out of memory (the forward before or half-way through the layers, choosing tokens over
