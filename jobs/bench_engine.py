@@ -10,7 +10,8 @@ steps: a random 1/32 of the vocabulary counts as EOS, so each sequence ends with
 1/32 a step, and the running set refills as they leave. Per decode step it measures wall time,
 time inside the model's forward, host time outside it (wall - forward), and, in a second pass of
 the same rows under torch.profiler, the torch operations launched outside the forward; each apart
-for steps where rows end and steps where none do.
+for steps where rows end, steps where the cache's empty rows are dropped (`compacting`: once a
+quarter of its rows are empty, when no join drops them first) and steps where no row ends.
 
 With `--repetition-penalty` (on by default in some models' own generation config, e.g. 1.05 for
 Qwen2.5 instruct models) and `--stop-strings`, the engine also applies those each step.
@@ -42,6 +43,7 @@ class StepTimes:
     forward: list[float] = field(default_factory=list)
     running: list[int] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
+    compacted: list[int] = field(default_factory=list)  # selections of the cache's rows during the step
 
 
 def tiny_model():
@@ -124,10 +126,14 @@ def instrument(engine, times: StepTimes):
         return out
 
     engine.model = _Callable(engine.model, timed_model)
-    step = engine._step
+    step, select, selections = engine._step, engine._select, [0]
+
+    def counted_select(keep):
+        selections[0] += 1
+        return select(keep)
 
     def timed_step(waiting):
-        running, before = len(engine.seqs), forward_s[0]
+        running, before, selected = len(engine.seqs), forward_s[0], selections[0]
         started = time.perf_counter()
         with torch.profiler.record_function(STEP):
             finished = list(step(waiting))
@@ -135,8 +141,10 @@ def instrument(engine, times: StepTimes):
         times.forward.append(forward_s[0] - before)
         times.running.append(running)
         times.ended.append(len(finished))
+        times.compacted.append(selections[0] - selected)
         yield from finished
 
+    engine._select = counted_select
     engine._step = timed_step
 
 
@@ -189,7 +197,12 @@ def measure(model, tok, size: int, steps: int, penalty: float | None = None, sto
         "steps": len(full),
         "mean_running": round(statistics.mean(times.running[i] for i in full), 1),
     }
-    for kind, keep in (("ending", lambda i: times.ended[i] > 0), ("none_ending", lambda i: times.ended[i] == 0)):
+    kinds = (
+        ("ending", lambda i: times.ended[i] > 0 and not times.compacted[i]),
+        ("compacting", lambda i: times.compacted[i] > 0),
+        ("none_ending", lambda i: times.ended[i] == 0 and not times.compacted[i]),
+    )
+    for kind, keep in kinds:
         chosen = [i for i in full if keep(i)]
         if not chosen:
             continue
@@ -232,7 +245,7 @@ def main() -> int:
     header = ("model", "N", "kind", "steps", "wall ms", "fwd ms", "host ms", "host %", "ops")
     print("{:9} {:>4} {:12} {:>5} {:>8} {:>8} {:>8} {:>6} {:>7}".format(*header))
     for r in results:
-        for kind in ("ending", "none_ending"):
+        for kind in ("ending", "compacting", "none_ending"):
             if kind in r:
                 k = r[kind]
                 print(

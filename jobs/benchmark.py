@@ -4,11 +4,17 @@ a Ray Data peer, transformers' continuous batching and the runner, in one invoca
 Usage:
     python jobs/benchmark.py                          # short workload: 32 new tokens (about 30 minutes on 2 CPU cores)
     python jobs/benchmark.py --workload long          # T0 and chat prompts mixed, 256 new tokens
+    python jobs/benchmark.py --workload fewshot       # one block of worked examples before every question
     python jobs/benchmark.py --n 32 --systems plain,runner          # a quick look
     python jobs/benchmark.py --max-prompt-tokens 0    # the uncapped mix (prompts up to 4,000 tokens)
 
 The long workload mixes answers of very different lengths: T0 prompts (a label or a few words)
 and chat requests (essays, stories, guides) that run to the 256-token limit, in turn.
+
+The few-shot workload puts the same block of eight worked examples (T0 prompts with their answers,
+about 1,000 tokens) before each of 256 short T0 questions, in one chat message each: what the
+runner's shared prefixes are for. It also prints the prompt tokens the runner computed against the
+prompts' unshared tokens (the shared block counted once).
 
 Every system runs greedy decoding with the same model, quantization and max_new_tokens on the
 same rendered prompts. Prints a table (generated tokens/s, wall time, both padding efficiencies,
@@ -29,7 +35,20 @@ SYSTEMS = ("plain", "sorted", "pipeline", "ray_data", "generate_batch", "runner"
 DEFAULTS = {  # per workload: prompts, new tokens, systems
     "short": {"n": 256, "max_new_tokens": 32, "systems": "plain,sorted,pipeline,ray_data,runner,runner_2w"},
     "long": {"n": 64, "max_new_tokens": 256, "systems": "plain,sorted,generate_batch,runner"},
+    "fewshot": {"n": 256, "max_new_tokens": 32, "systems": "sorted,generate_batch,runner"},
 }
+# The few-shot workload's eight worked examples: T0 prompts of the shared mix and their answers.
+FEW_SHOT_EXAMPLES = {
+    "t0-00015": "Science and Technology",
+    "t0-00030": "company",
+    "t0-00124": "Yes",
+    "t0-00132": "Business",
+    "t0-00137": "Yes",
+    "t0-00327": "They did not enjoy it.",
+    "t0-00357": "Negative",
+    "t0-00232": "Negative",
+}
+FEW_SHOT_QUESTION_TOKENS = 64  # the questions: T0 prompts of at most this many tokens
 CHAT_TOPICS = [
     "the history of the printing press",
     "how vaccines train the immune system",
@@ -59,7 +78,7 @@ CHAT_FORMS = [
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", default=str(REPO.parent / "shared" / "data" / "t0_mix_2k.jsonl"))
-    parser.add_argument("--workload", default="short", choices=sorted(DEFAULTS), help="short (default) or long")
+    parser.add_argument("--workload", default="short", choices=sorted(DEFAULTS), help="short (default), long, fewshot")
     parser.add_argument("--n", type=int, help="prompts to take (default: short 256, long 64)")
     parser.add_argument(
         "--max-prompt-tokens", type=int, default=1024, help="skip longer prompts; 0 takes every prompt (default 1024)"
@@ -101,6 +120,8 @@ def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tupl
         t0 = iter(rows)
         rows = [r for pair in zip(t0, chat * (len(rows) // len(chat) + 1)) for r in pair]
         rows = [dict(r, id=f"{r['id']}-{i}") if str(r["id"]).startswith("chat-") else r for i, r in enumerate(rows)]
+    if args.workload == "fewshot":
+        rows = _few_shot_rows(rows, tokenizer)
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
@@ -108,13 +129,46 @@ def write_workload(args: argparse.Namespace, model_path: str, out: Path) -> tupl
         for r in rows
     ]
     lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
-    picked = bench.select_workload(lengths, args.n, args.max_prompt_tokens or None)
+    if args.workload == "fewshot":  # every question is short; the shared block makes each prompt long
+        picked = list(range(min(args.n, len(rows))))
+    else:
+        picked = bench.select_workload(lengths, args.n, args.max_prompt_tokens or None)
     ids = [str(rows[i]["id"]) for i in picked]
     texts = [texts[i] for i in picked]
     with (out / "workload.jsonl").open("w") as f:
         for i, t in zip(ids, texts):
             f.write(json.dumps({"id": i, "text": t}) + "\n")
     return ids, texts, [lengths[i] for i in picked]
+
+
+def unshared_tokens(model_path: str, texts: list[str]) -> int:
+    """The prompts' tokens with the prefix all of them share counted once."""
+    from runner.config import ModelConfig
+    from runner.input import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, ModelConfig(name_or_path=model_path))
+    ids = tokenizer(texts)["input_ids"]
+    shared = len(os.path.commonprefix(ids))
+    return shared + sum(len(x) - shared for x in ids)
+
+
+def _few_shot_rows(rows: list[dict], tokenizer) -> list[dict]:
+    """Each short T0 question after the same block of eight worked examples."""
+    by_id = {r["id"]: r for r in rows}
+    block = "\n\n".join(
+        f"Example {k}:\n{by_id[i]['prompt'].strip()}\nAnswer: {answer}"
+        for k, (i, answer) in enumerate(FEW_SHOT_EXAMPLES.items(), 1)
+    )
+    intro = "Here are worked examples of tasks and their answers.\n\n"
+    questions = [
+        r
+        for r in rows
+        if r["id"] not in FEW_SHOT_EXAMPLES and len(tokenizer.encode(r["prompt"])) <= FEW_SHOT_QUESTION_TOKENS
+    ]
+    return [
+        {"id": r["id"], "prompt": f"{intro}{block}\n\nNow the task to answer:\n{r['prompt'].strip()}\nAnswer:"}
+        for r in questions
+    ]
 
 
 def _chat_requests() -> list[tuple[str, str]]:
@@ -203,7 +257,13 @@ def main() -> int:
     for result, row in zip(results, rows):
         if result.name.startswith("runner"):
             row["worker_idle_at_end_s"] = bench.worker_idle_at_end(result.batches)
-    report = "\n".join([bench.markdown_table(rows), "", *bench.verdicts(rows, args.workload)])
+            row["computed_prompt_tokens"] = result.extra.get("computed_prompt_tokens")
+    lines = bench.verdicts(rows, args.workload)
+    if args.workload == "fewshot":
+        unshared = unshared_tokens(model_path, texts)
+        workload["unshared_prompt_tokens"] = unshared
+        lines += bench.computed_verdicts(rows, unshared)
+    report = "\n".join([bench.markdown_table(rows), "", *lines])
     print("\n" + report)
     (out / "benchmark.json").write_text(bench.to_json(rows, workload))
     (out / "benchmark.md").write_text(f"Workload: {json.dumps(workload)}\n\n{report}\n")

@@ -91,6 +91,9 @@ class BatchingConfig:
     # What one more forward pass costs, in prompt tokens: a batch's prompts are read in groups of
     # similar length, and another group is started only where it saves more padding than this.
     step_cost_tokens: int = 64
+    # Read the longest token prefix the rows admitted together share (a system prompt, few-shot examples)
+    # once, and prefill each row's own part against it (runner.generation.prefix).
+    share_prefix: bool = True
     # Rows sorted by length together: the input streams through in windows of this many rows,
     # each sorted and planned on its own (a global sort would hold every prompt's length first).
     sort_window: int = 65536
@@ -331,6 +334,9 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     # The model's revision as written (null, a branch, a commit) is not what it resolves to: the resolved
     # revision is recorded in every file and checked on its own (runner.store.resume).
     kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("revision", "adapter")}
+    # Sharing a prompt prefix changes how prompts are read, not what is written (up to float rounding, as
+    # the shape of any batch does).
+    kept["batching"] = {k: v for k, v in kept["batching"].items() if k != "share_prefix"}
     # Keys added after runs were written hash only when set, so those runs still resume.
     for section, key in ADDED_KEYS:
         if kept[section].get(key) is None:

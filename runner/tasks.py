@@ -64,6 +64,7 @@ class BatchDone:
     padded_length: int
     latency_s: float  # the worker's time since its previous event: these sum to its busy time
     oom_splits: int = 0
+    computed_prompt_tokens: int = 0  # prompt positions the worker's prefills computed since its previous event
 
 
 @dataclass

@@ -144,8 +144,10 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str = "plain") -> str:
 SPEEDUP_TARGETS = {
     "short": [("runner", "plain", 2.0), ("runner", "ray_data", 1.2), ("runner", "sorted", 1.1)],
     "long": [("runner", "sorted", 1.5), ("runner", "plain", 3.0), ("runner", "generate_batch", 1.2)],
+    "fewshot": [("runner", "sorted", 3.0), ("runner", "generate_batch", 1.5)],
 }
-PROMPT_EFFICIENCY_TARGET = {"short": 0.9, "long": 0.95}
+PROMPT_EFFICIENCY_TARGET = {"short": 0.9, "long": 0.95, "fewshot": 0.9}
+COMPUTED_PROMPT_TARGET = 1.2  # few-shot: prompt tokens the runner computes / the prompts' unshared tokens
 GENERATION_EFFICIENCY_TARGET = {"long": 0.95}
 
 
@@ -170,6 +172,21 @@ def verdicts(rows: list[dict[str, Any]], workload: str = "short") -> list[str]:
         if len(idle) > 1:
             shown = ", ".join(f"{w.split('/')[-1]} {s:.1f}s" for w, s in idle.items())
             lines.append(f"- {name} idle at the end per worker: {shown} (run {by_name[name]['wall_s']:.1f}s)")
+    return lines
+
+
+def computed_verdicts(rows: list[dict[str, Any]], unshared: int) -> list[str]:
+    """The prompt tokens each runner system computed against the prompts' unshared tokens."""
+    lines = []
+    for r in rows:
+        computed = r.get("computed_prompt_tokens")
+        if computed is None or not unshared:
+            continue
+        ratio = computed / unshared
+        lines.append(
+            f"- {r['system']} computed prompt tokens: {computed:,} = {ratio:.2f}x the prompts' {unshared:,} unshared "
+            f"tokens (target <= {COMPUTED_PROMPT_TARGET}x) {_met(ratio <= COMPUTED_PROMPT_TARGET)}"
+        )
     return lines
 
 

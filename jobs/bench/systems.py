@@ -376,6 +376,7 @@ def runner_job(
         records,
         notes=f"{workers} worker(s) x {max(1, cpus // workers)} CPUs, output {summary.output_dir}",
         row_steps=summary.totals.generated_steps,  # what the engine computed, as its workers reported
+        extra={"computed_prompt_tokens": summary.totals.computed_prompt_tokens},
     )
 
 

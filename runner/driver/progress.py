@@ -20,6 +20,7 @@ class RunTotals:
     sequences: int = 0
     prompt_tokens: int = 0
     padded_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0  # prompt positions the prefills computed: padding in, shared prefixes once
     completion_tokens: int = 0
     generated_steps: int = 0
     batches: int = 0
@@ -57,6 +58,7 @@ class RunTotals:
             "shards": self.shards,
             "prompt_tokens": self.prompt_tokens,
             "padded_prompt_tokens": self.padded_prompt_tokens,
+            "computed_prompt_tokens": self.computed_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "generated_steps": self.generated_steps,
             "retries": self.retries,
@@ -137,6 +139,7 @@ class ProgressBar:
         t.sequences += sign * event.sequences
         t.prompt_tokens += sign * event.prompt_tokens
         t.padded_prompt_tokens += sign * event.padded_prompt_tokens
+        t.computed_prompt_tokens += sign * event.computed_prompt_tokens
         t.completion_tokens += sign * event.completion_tokens
         t.generated_steps += sign * event.generated_steps
         t.batches += sign

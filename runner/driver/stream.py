@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from runner import cluster, plan, store
 from runner.config import JobConfig, planned_batch_rows
+from runner.driver.seen_ids import SeenIds
 from runner.errors import SHOW, ConfigError, listing
 from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, read_chunks, resolve_source
 from runner.secrets import redact
@@ -98,7 +99,7 @@ class JobStream:
         self.carry_schema: pa.Schema | None = None
         self.single_window: list[tuple[ChunkMeta, Any]] | None = None  # the whole input, when it fit one window
         self.finished = False  # every window planned: the plan is complete
-        self._seen_ids = np.zeros(0, dtype=np.uint64)  # sorted
+        self._seen_ids = SeenIds()
         self._next_batch = 0
 
     def windows(self) -> Iterator[list[ShardTask]]:
@@ -283,7 +284,7 @@ class JobStream:
         hashes = np.concatenate([m.id_hashes for m, _ in window]) if window else np.zeros(0, np.uint64)
         unique, counts = np.unique(hashes, return_counts=True)
         repeated = set(unique[counts > 1].tolist())
-        repeated |= set(unique[np.isin(unique, self._seen_ids, assume_unique=True)].tolist())
+        repeated |= set(unique[self._seen_ids.contains(unique)].tolist())
         if repeated:
             raise ConfigError(
                 [
@@ -293,7 +294,7 @@ class JobStream:
                 ],
                 title=f"bad input in {redact(self.job.dataset.path)}",
             )
-        self._seen_ids = np.union1d(self._seen_ids, unique)
+        self._seen_ids.add(unique)
 
     def _name_ids(self, window: list[tuple[ChunkMeta, Any]], hashes: set[int]) -> str:
         named = []

@@ -32,15 +32,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from runner import faults, plan
 from runner.errors import RowFailedError, first_line
-from runner.generation import kvcache
+from runner.generation import kvcache, prefix
 from runner.generation.limits import Limits
 from runner.generation.processors import NgramTable, check_vocabulary
-from runner.generation.sampling import Choice, Chooser, Decoding, presence, stream_key
+from runner.generation.sampling import Chooser, Decoding, presence, stream_key
+from runner.generation.sequences import (
+    Finished,
+    Prefilled,
+    Row,
+    Running,
+    SequenceResult,
+    Waiting,
+    left_pad,
+    took_tokens,
+)
 from runner.generation.text import stop_enders, stop_tokens, token_texts
 
 log = logging.getLogger(__name__)
@@ -51,102 +60,18 @@ CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (few
 STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
 
 
-@dataclass
-class Row:
-    key: int  # the caller's index of the row
-    row_id: str  # the row's id: with the seed and the sample index, its random stream
-    input_ids: list[int]
-    samples: tuple[int, ...] | None = None  # the sample indices to generate (None: all of them)
-
-
-@dataclass
-class SequenceResult:
-    completion: str | None
-    completion_tokens: int | None
-    finish_reason: str  # stop, length, or error
-    error: str | None = None
-    tokens: list[int] | None = None  # the generated token ids up to where the sequence ended
-    logprobs: list[float] | None = None  # with Decoding.logprobs: one per generated token
-    top_logprobs: list[list[tuple[int, str, float]]] | None = None  # with logprobs > 0: (id, text, log p) per step
-
-
-@dataclass
-class Finished:
-    """One ended sequence and how it was run."""
-
-    key: int
-    sample_index: int
-    result: SequenceResult
-    batch_size: int  # sequences decoding together once it joined the running set (itself included)
-    padded_length: int  # the width its prompt was read at (its prefill group's longest prompt)
-    steps: int  # tokens the engine computed for it (its completion, plus any run lost to an eviction)
-    latency_s: float  # from its first admission to its end
-
-
-@dataclass
-class _Waiting:
-    row: Row
-    samples: list[int]  # sample indices still to generate
-    steps: dict[int, int] = field(default_factory=dict)  # steps already spent on evicted runs
-    admitted_at: float | None = None
-
-
-@dataclass
-class _Sequence:
-    row: Row
-    sample: int
-    stream: bytes  # the key of its random stream
-    length: int  # real tokens in the KV cache (prompt, then generated ones fed back)
-    padded_length: int
-    admitted_at: float
-    steps: int = 0
-    batch_size: int = 0
-    tokens: list[int] = field(default_factory=list)
-    ngrams: NgramTable | None = None  # its n-grams so far, with no_repeat_ngram_size
-    logprobs: list[float] = field(default_factory=list)  # with Decoding.logprobs
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-
-    @property
-    def prompt(self) -> list[int]:
-        return self.row.input_ids
-
-    def took(self, choice: Choice, i: int) -> None:
-        """Take its token (and log-probabilities) of a step's choice; `i`: its place in the choice."""
-        token = choice.tokens[i]
-        self.tokens.append(token)
-        self.steps += 1
-        if self.ngrams is not None:
-            self.ngrams.add(token)
-        if choice.logprobs is not None:
-            self.logprobs.append(choice.logprobs[i])
-        if choice.top is not None:
-            self.top.append(choice.top[i])
-
-
-@dataclass
-class _Prefilled:
-    """Sequences read together: their cache, attention mask and (with a repetition penalty) tokens seen."""
-
-    cache: Any
-    mask: Any
-    seqs: list[_Sequence]
-    seen: Any = None
-
-
-def _took(seen: Any, choice: Choice, rows: Any = None) -> Any:
-    """`seen` with each sequence's newly taken token (one indexed write); `rows`: their rows, if not all."""
-    if seen is not None:
-        import torch
-
-        rows = torch.arange(seen.shape[0], device=seen.device) if rows is None else rows
-        seen[rows, choice.picked] = True
-    return seen
-
-
 class Engine:
     """Generates rows with continuous batching; one per worker, reused across shards."""
 
-    def __init__(self, model: Any, tokenizer: Any, decoding: Decoding, limits: Limits, on_row_error: str = "write"):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        decoding: Decoding,
+        limits: Limits,
+        on_row_error: str = "write",
+        share_prefix: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.decoding = decoding
@@ -155,11 +80,14 @@ class Engine:
         self.device = model.device
         self.oom_events = 0  # out-of-memory errors met (prefill and decode), over the engine's life
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
+        self.prompt_positions = 0  # prompt positions its prefills computed (padding and shared prefixes included)
         check_vocabulary(decoding.rules, getattr(getattr(model, "config", None), "vocab_size", None))
         self._chooser = Chooser(decoding)
         probe = kvcache.new_cache(model)
         self._joinable = kvcache.joinable(probe)
         self._window = kvcache.window(probe)  # every layer slides: columns older than it are cut
+        self._share = share_prefix and self._joinable and not kvcache.slides(probe)
+        self._prefix: prefix.SharedPrefix | None = None  # the last shared prefix read, kept for the next rows
         if not self._joinable:
             log.warning(
                 "this model's KV cache (%s) cannot be joined or cut: rows are read only into an empty running "
@@ -175,8 +103,8 @@ class Engine:
         self._reset()
 
     def _reset(self) -> None:
-        self.seqs: list[_Sequence] = []  # the running sequences, in cache row order
-        self.slots: list[_Sequence | None] = []  # each cache row's sequence; None: it ended, its row is empty
+        self.seqs: list[Running] = []  # the running sequences, in cache row order
+        self.slots: list[Running | None] = []  # each cache row's sequence; None: it ended, its row is empty
         self._live: Any = None  # the rows of `seqs` in the cache, as a tensor; None while no row is empty
         self.cache: Any = None
         self.mask: Any = None  # [sequences, cache width] attention mask of the running set
@@ -191,7 +119,7 @@ class Engine:
         import torch
 
         every = tuple(range(self.decoding.samples))
-        waiting = deque(_Waiting(r, list(every if r.samples is None else r.samples)) for r in rows)
+        waiting = deque(Waiting(r, list(every if r.samples is None else r.samples)) for r in rows)
         self._reset()
         with torch.inference_mode():
             while waiting or self.seqs:
@@ -222,9 +150,9 @@ class Engine:
     def _cost(self, seqs: int, widest: int) -> int:
         return seqs * (widest + self.decoding.max_new_tokens)
 
-    def _take(self, waiting: deque[_Waiting]) -> list[_Waiting]:
+    def _take(self, waiting: deque[Waiting]) -> list[Waiting]:
         """The next waiting rows that fit beside the running set (at least one row when it is empty)."""
-        taken: list[_Waiting] = []
+        taken: list[Waiting] = []
         seqs, read = len(self.seqs), 0
         widest = max((len(s.row.input_ids) for s in self.seqs), default=0)
         limit, reads = self.limits.tokens(), self.limits.prefill.value
@@ -242,19 +170,22 @@ class Engine:
                 break
         return taken
 
-    def _admit(self, waiting: deque[_Waiting]) -> Iterator[Finished]:
+    def _admit(self, waiting: deque[Waiting]) -> Iterator[Finished]:
         taken = self._take(waiting)
         if not taken:
             return
         now = time.perf_counter()
         for w in taken:
             w.admitted_at = w.admitted_at or now
-        groups = plan.prefill_groups([len(w.row.input_ids) for w in taken], self.limits.step_cost_tokens)
-        if not self._joinable:
-            groups = [list(range(len(taken)))]
         error = None
         try:
-            self._join([self._prefill([taken[i] for i in g]) for g in groups])
+            shared = self._shared_prefix(taken)
+            start = len(shared) if shared is not None else 0
+            own = [len(w.row.input_ids) - start for w in taken]
+            groups = [list(range(len(own)))]  # caches that cannot join: one group
+            if self._joinable:
+                groups = plan.prefill_groups(own, self.limits.step_cost_tokens)
+            self._join([self._prefill([taken[i] for i in g], shared) for g in groups])
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is None:
@@ -278,21 +209,42 @@ class Engine:
             waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
         elif len(alone.samples) > 1:  # one row's samples apart: half of them at a time
             half = len(alone.samples) // 2
-            waiting.appendleft(_Waiting(alone.row, alone.samples[half:], alone.steps, alone.admitted_at))
-            waiting.appendleft(_Waiting(alone.row, alone.samples[:half], alone.steps, alone.admitted_at))
+            waiting.appendleft(Waiting(alone.row, alone.samples[half:], alone.steps, alone.admitted_at))
+            waiting.appendleft(Waiting(alone.row, alone.samples[:half], alone.steps, alone.admitted_at))
         else:
             yield from self._fail(alone, error)
 
-    def _widest(self, taken: list[_Waiting]) -> int:
+    def _widest(self, taken: list[Waiting]) -> int:
         return max([len(w.row.input_ids) for w in taken] + [len(s.row.input_ids) for s in self.seqs])
 
-    def _prefill(self, group: list[_Waiting]) -> _Prefilled:
-        """Read a group's prompts; its cache, mask and sequences, each with its first token chosen."""
+    def _shared_prefix(self, taken: list[Waiting]) -> prefix.SharedPrefix | None:
+        """The prefix every taken row starts with, read once (or the kept one), if one is worth sharing."""
+        if not self._share:
+            return None
+        kept = self._prefix.tokens if self._prefix is not None else None
+        length, reuse = prefix.choose([w.row.input_ids for w in taken], kept)
+        if reuse or not length:
+            return self._prefix if reuse else None
+        self._prefix = None  # the old one goes before the new one is read
+        self._prefix = prefix.SharedPrefix(self.model, taken[0].row.input_ids[:length])
+        self.prompt_positions += length
+        return self._prefix
+
+    def _prefill(self, group: list[Waiting], shared: prefix.SharedPrefix | None = None) -> Prefilled:
+        """Read a group's prompts (after the `shared` prefix, if any, read once); its cache, mask and
+        sequences, each with its first token chosen."""
         import torch
 
-        ids, mask = left_pad([w.row.input_ids for w in group], self.decoding.pad_id)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache = kvcache.new_cache(self.model)
+        start = len(shared) if shared is not None else 0
+        ids, mask = left_pad([w.row.input_ids[start:] for w in group], self.decoding.pad_id)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1) + start
+        if shared is not None:  # [prefix][padding][own part]: the padding between is masked
+            cache = shared.copies(self.model, len(group), ids.shape[1])
+            mask = torch.cat([mask.new_ones((len(group), start)), mask], dim=1)
+            every = torch.cat([torch.tensor([shared.tokens]).expand(len(group), start), ids], dim=1)
+        else:
+            cache, every = kvcache.new_cache(self.model), ids
+        self.prompt_positions += ids.numel()
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -301,7 +253,7 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        width = int(ids.shape[1])
+        width = int(mask.shape[1])
         counts = [len(w.samples) for w in group]
         repeat = torch.tensor(counts, device=self.device)
         logits = out.logits[:, -1].repeat_interleave(repeat, dim=0)
@@ -310,7 +262,7 @@ class Engine:
         mask = mask.to(self.device)
         seen = None
         if self._chooser.penalized:  # the prompt's tokens; each generated one is added as it is taken
-            seen = presence(ids.to(self.device), mask, out.logits.shape[-1]).repeat_interleave(repeat, dim=0)
+            seen = presence(every.to(self.device), mask, out.logits.shape[-1]).repeat_interleave(repeat, dim=0)
         mask = mask.repeat_interleave(repeat, dim=0)
         n = self.decoding.rules.no_repeat_ngram_size
         seqs = []
@@ -318,7 +270,7 @@ class Engine:
             table = NgramTable(n, w.row.input_ids) if n else None
             for k in w.samples:
                 seqs.append(
-                    _Sequence(
+                    Running(
                         row=w.row,
                         sample=k,
                         stream=stream_key(self.decoding.seed, w.row.row_id, k),
@@ -332,9 +284,9 @@ class Engine:
         choice = self._chooser.choose(logits, seqs, seen)
         for i, s in enumerate(seqs):
             s.took(choice, i)
-        return _Prefilled(cache, mask, seqs, _took(seen, choice))
+        return Prefilled(cache, mask, seqs, took_tokens(seen, choice))
 
-    def _join(self, parts: list[_Prefilled]) -> None:
+    def _join(self, parts: list[Prefilled]) -> None:
         """Append prefilled groups to the running set: every cache left-padded to the widest."""
         import torch
         from torch.nn.functional import pad
@@ -342,7 +294,7 @@ class Engine:
         if len(self.slots) > len(self.seqs):
             self._select(self._live_rows())  # the empty rows leave first, in place
         self.joins += bool(self.seqs)
-        pieces = ([_Prefilled(self.cache, self.mask, self.seqs, self.seen)] if self.seqs else []) + parts
+        pieces = ([Prefilled(self.cache, self.mask, self.seqs, self.seen)] if self.seqs else []) + parts
         width = max(p.mask.shape[1] for p in pieces)
         if len(pieces) == 1:
             self.cache, self.mask, self.seen = parts[0].cache, parts[0].mask, parts[0].seen
@@ -359,7 +311,7 @@ class Engine:
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def _step(self, waiting: deque[_Waiting]) -> Iterator[Finished]:
+    def _step(self, waiting: deque[Waiting]) -> Iterator[Finished]:
         """One decode step of the whole running set, then the ended sequences leave it."""
         import torch
 
@@ -393,7 +345,7 @@ class Engine:
         del out
         self.limits.clean_step()
         self.mask = mask
-        self.seen = _took(self.seen, choice, self._live)
+        self.seen = took_tokens(self.seen, choice, self._live)
         for i, s in enumerate(self.seqs):
             s.length += 1
             s.took(choice, i)
@@ -479,13 +431,13 @@ class Engine:
         """
         return max(0, self.mask.shape[1] - self._window + 1) if self._window else 0
 
-    def _row_error(self, s: _Sequence, error: str) -> SequenceResult:
+    def _row_error(self, s: Running, error: str) -> SequenceResult:
         message = f"row {s.row.row_id!r} failed: {error}"
         if self.on_row_error == "fail":
             raise RowFailedError(message)
         return SequenceResult(None, None, "error", message)
 
-    def _ended(self, s: _Sequence) -> SequenceResult | None:
+    def _ended(self, s: Running) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""
         if s.row.row_id in self._failing_rows:
             raise faults.InjectedFault("injected fault in this row's decoding")
@@ -501,7 +453,7 @@ class Engine:
             return self._result(s, s.tokens, "length")
         return None
 
-    def _result(self, s: _Sequence, text_tokens: list[int], reason: str) -> SequenceResult:
+    def _result(self, s: Running, text_tokens: list[int], reason: str) -> SequenceResult:
         """Its completion: the text of `text_tokens` (cut at a stop string), every generated token counted."""
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
         hits = [text.find(stop) for stop in self._stop_texts if stop in text]
@@ -522,7 +474,7 @@ class Engine:
 
     # -- out of memory -------------------------------------------------------------------------
 
-    def _evict(self, waiting: deque[_Waiting], error: str) -> Iterator[Finished]:
+    def _evict(self, waiting: deque[Waiting], error: str) -> Iterator[Finished]:
         """A decode step did not fit: the newest half of the running set waits again (or one row fails).
 
         A cache that cannot be cut (chunked or linear attention: see `kvcache`), or a selection that does
@@ -532,7 +484,7 @@ class Engine:
         if len(self.seqs) == 1:
             s = self.seqs[0]
             self._reset()
-            yield from self._fail(_Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
+            yield from self._fail(Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
             return
         seqs = self.seqs
         keep = len(seqs) - len(seqs) // 2 if self._joinable else 0
@@ -548,16 +500,16 @@ class Engine:
             self._reset()
 
     @staticmethod
-    def _send_back(waiting: deque[_Waiting], seqs: list[_Sequence]) -> None:
+    def _send_back(waiting: deque[Waiting], seqs: list[Running]) -> None:
         """`seqs` wait again, at the front, in their order; the steps they spent are kept for the count."""
-        back: dict[int, _Waiting] = {}
+        back: dict[int, Waiting] = {}
         for s in seqs:
-            w = back.setdefault(id(s.row), _Waiting(s.row, [], admitted_at=s.admitted_at))
+            w = back.setdefault(id(s.row), Waiting(s.row, [], admitted_at=s.admitted_at))
             w.samples.append(s.sample)
             w.steps[s.sample] = s.steps
         waiting.extendleft(reversed(list(back.values())))
 
-    def _fail(self, w: _Waiting, error: str) -> Iterator[Finished]:
+    def _fail(self, w: Waiting, error: str) -> Iterator[Finished]:
         message = f"out of memory even alone ({len(w.row.input_ids)} prompt tokens): {error}"
         if self.on_row_error == "fail":
             raise RowFailedError(message)
@@ -565,20 +517,6 @@ class Engine:
         for k in w.samples:
             result = SequenceResult(None, None, "error", message)
             yield Finished(w.row.key, k, result, 1, len(w.row.input_ids), w.steps.get(k, 0), spent)
-
-
-def left_pad(input_ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """Left-padded id and attention-mask tensors for a batch of unpadded sequences."""
-    import torch
-
-    width = max(len(x) for x in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for i, seq in enumerate(input_ids):
-        if seq:
-            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq) :] = 1
-    return ids, mask
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:

@@ -69,6 +69,7 @@ class GrowingLayer(DynamicLayer):
 
     def take(self, buf_k: Any, buf_v: Any, used: int) -> None:
         """Use these buffers, of which the first `used` positions hold the cache."""
+        self.dtype, self.device, self.is_initialized = buf_k.dtype, buf_k.device, True
         self._buffers = (buf_k, buf_v)
         self.keys, self.values = buf_k[:, :, :used], buf_v[:, :, :used]
         self._views = (self.keys, self.values)
@@ -189,6 +190,25 @@ def join(caches: list[Any], width: int) -> Any:
             x.release()
         target.take(keys, values, width)
     return joined
+
+
+def broadcast(source: Any, into: Any, rows: int, room: int) -> Any:
+    """`into` (an empty cache of the same model) holding `rows` copies of the one row of `source`,
+    each with room for `room` more positions."""
+    for layer, target in zip(source.layers, into.layers):
+        keys, values = layer.keys, layer.values
+        used = keys.shape[2]
+        buf_k = keys.new_empty((rows, keys.shape[1], used + room, keys.shape[3]))
+        buf_v = values.new_empty((rows, values.shape[1], used + room, values.shape[3]))
+        buf_k[:, :, :used] = keys
+        buf_v[:, :, :used] = values
+        target.take(buf_k, buf_v, used)
+    return into
+
+
+def slides(cache: Any) -> bool:
+    """Whether any layer of the cache has a sliding window."""
+    return any(getattr(layer, "is_sliding", False) for layer in cache.layers)
 
 
 def broken(cache: Any) -> bool:

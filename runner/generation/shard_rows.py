@@ -55,7 +55,7 @@ class BatchTally:
     def latency_s(self) -> float:
         return self.ended - (self.started or self.ended)
 
-    def event(self, worker: str, shard_id: int, since_last_s: float, oom_splits: int) -> BatchDone:
+    def event(self, worker: str, shard_id: int, since_last_s: float, oom_splits: int, computed: int = 0) -> BatchDone:
         return BatchDone(
             worker=worker,
             shard_id=shard_id,
@@ -69,6 +69,7 @@ class BatchTally:
             padded_length=self.padded_length,
             latency_s=since_last_s,
             oom_splits=oom_splits,
+            computed_prompt_tokens=computed,
         )
 
 

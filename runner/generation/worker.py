@@ -218,7 +218,7 @@ class ShardGenerator:
         self.ignored = tuple(unsupported_settings(self.generation_config))
         if self.ignored:
             log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, self.ignored)
-        self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error)
+        self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error, b.share_prefix)
         self.out = store.open_output_dir(job.output.dir)
         self.schema = store.output_schema(
             setup.carry_schema, setup.file_metadata, job.generation.logprobs is not None, setup.adapter is not None
@@ -272,7 +272,7 @@ class ShardGenerator:
         """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
         from runner.generation.engine import Row
 
-        oom_seen, last_event = self.engine.oom_events, time.perf_counter()
+        oom_seen, read_seen, last_event = self.engine.oom_events, self.engine.prompt_positions, time.perf_counter()
         engine_rows = [Row(r, ids[r], input_ids[r], k) for r, k in samples.items()]
         for f in self.engine.generate(engine_rows):
             now = time.perf_counter()
@@ -281,8 +281,9 @@ class ShardGenerator:
             tally.add(f, len(input_ids[f.key]), now)
             if not tally.complete:
                 continue
-            yield tally.event(self.name, task.shard_id, now - last_event, self.engine.oom_events - oom_seen)
-            oom_seen, last_event = self.engine.oom_events, now
+            oom, read = self.engine.oom_events - oom_seen, self.engine.prompt_positions - read_seen
+            yield tally.event(self.name, task.shard_id, now - last_event, oom, read)
+            oom_seen, read_seen, last_event = self.engine.oom_events, self.engine.prompt_positions, now
 
     def _commit(self, task: ShardTask, table: pa.Table, ids: list[str]) -> ShardTotals:
         """Write the shard's file (over its committed rows, for a redo); return what its footer records."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -40,37 +42,40 @@ def verify_run(uri: str) -> Verdict:
         verdict.problems.append(f"{name}: a data file the manifest does not list")
     for name in sorted(set(listed) - present):
         verdict.problems.append(f"{name}: listed in the manifest but missing")
-    keys: Counter = Counter()
+    keys = _Keys()
     samples = manifest.get("config", {}).get("generation", {}).get("num_return_sequences", 1)
     config = manifest.get("config", {})
     # the contract's columns, the optional ones where the run has them (logprobs, an adapter)
     expected = output.contract_fields(
         config.get("generation", {}).get("logprobs") is not None, bool(config.get("model", {}).get("adapter"))
     )
+    readable = []
     for name in sorted(set(listed) & present):
         table = _read(out, name, verdict)
         if table is None:
             continue
+        readable.append(name)
         verdict.files += 1
         verdict.rows += table.num_rows
         if table.num_rows != listed[name]:
             verdict.problems.append(f"{name}: {table.num_rows} rows, the manifest says {listed[name]}")
         _check_schema(name, table.schema, manifest["config_hash"], verdict, expected)
         if "id" in table.column_names and "sample_index" in table.column_names:
-            pairs = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
-            keys.update(pairs)
+            ids, indices = table.column("id").to_pylist(), table.column("sample_index").to_pylist()
+            keys.add(ids, indices)
+            bad = sorted({k for k in indices if not 0 <= k < samples})
+            verdict.problems += [f"{name}: sample_index values {bad[:5]} outside 0..{samples - 1}"] if bad else []
             if "finish_reason" in table.column_names:
-                failed = [p for p, r in zip(pairs, table.column("finish_reason").to_pylist()) if r == "error"]
+                reasons = table.column("finish_reason").to_pylist()
+                failed = [(i, k) for i, k, r in zip(ids, indices, reasons) if r == "error"]
                 verdict.errors += len(failed)
                 verdict.error_examples += failed[: 3 - len(verdict.error_examples)]
-    repeated = [k for k, n in keys.items() if n > 1]
+        del table
+    repeated, short = keys.suspects(samples)
+    if repeated or short:  # hashes can collide: the suspects are counted exactly, in a second pass
+        repeated, short = _exact(out, readable, repeated, short, samples)
     if repeated:
         verdict.problems.append(f"{len(repeated)} (id, sample_index) pairs appear more than once, e.g. {repeated[:3]}")
-    bad_samples = sorted({s for _, s in keys if not 0 <= s < samples})
-    if bad_samples:
-        verdict.problems.append(f"sample_index values {bad_samples[:5]} outside 0..{samples - 1}")
-    per_id = Counter(i for i, _ in keys)
-    short = [i for i, n in per_id.items() if n != samples]
     if short:
         verdict.problems.append(f"{len(short)} ids do not have exactly {samples} samples, e.g. {short[:3]}")
     counted = manifest.get("totals", {}).get("errors")
@@ -80,6 +85,48 @@ def verify_run(uri: str) -> Verdict:
     if expected is not None and verdict.rows != expected:
         verdict.problems.append(f"{verdict.rows} rows in the files, the manifest totals say {expected}")
     return verdict
+
+
+class _Keys:
+    """Every (id, sample_index) pair and every id seen, as 64-bit hashes: 16 bytes a row, not Python tuples.
+
+    Python's own string hash (randomized per process, stable within one) is enough: a collision only
+    makes a pair a suspect, and suspects are counted exactly from the files again (`_exact`).
+    """
+
+    def __init__(self) -> None:
+        self.pairs: list[Any] = []
+        self.ids: list[Any] = []
+
+    def add(self, ids: list[str], indices: list[int]) -> None:
+        self.pairs.append(np.fromiter((hash((i, k)) for i, k in zip(ids, indices)), np.int64, len(ids)))
+        self.ids.append(np.fromiter((hash(i) for i in ids), np.int64, len(ids)))
+
+    def suspects(self, samples: int) -> tuple[set[int], set[int]]:
+        """Hashes of pairs seen more than once, and of ids seen other than `samples` times."""
+        found = []
+        for parts, wanted in ((self.pairs, None), (self.ids, samples)):
+            values, counts = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
+            odd = counts > 1 if wanted is None else counts != wanted
+            found.append(set(values[odd].tolist()))
+        return found[0], found[1]
+
+
+def _exact(
+    out: output.OutputDir, names: list[str], pair_hashes: set[int], id_hashes: set[int], samples: int
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """The pairs that really repeat and the ids that really lack samples, among the suspects' hashes."""
+    pairs: Counter = Counter()
+    per_id: Counter = Counter()
+    for name in names:
+        with out.fs.open_input_file(out.join(name)) as f:
+            table = pq.read_table(f, columns=["id", "sample_index"])
+        for i, k in zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()):
+            if hash((i, k)) in pair_hashes:
+                pairs[(i, k)] += 1
+            if hash(i) in id_hashes:
+                per_id[i] += 1
+    return [p for p, n in pairs.items() if n > 1], [i for i, n in per_id.items() if n != samples]
 
 
 def _read(out: output.OutputDir, name: str, verdict: Verdict) -> pa.Table | None:

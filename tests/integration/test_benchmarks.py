@@ -68,8 +68,12 @@ def test_the_engine_benchmark_counts_ops_outside_the_forward_apart_from_the_numb
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["size"]: r for r in json.loads((tmp_path / "engine.json").read_text())}
     assert set(rows) == {8, 32} and all(r["ending"]["forward_ms"] > 0 for r in rows.values())
-    # a step where rows end costs the same operations at 8 and at 32 running rows (one indexed copy per layer)
-    assert rows[32]["ending"]["ops_outside_forward"] <= 1.1 * rows[8]["ending"]["ops_outside_forward"]
+    # a step where rows end, or where the cache's empty rows are dropped (two copies per layer), costs the
+    # same operations at 8 and at 32 running rows
+    for kind in ("ending", "compacting"):
+        if kind in rows[8] and kind in rows[32]:
+            assert rows[32][kind]["ops_outside_forward"] <= 1.1 * rows[8][kind]["ops_outside_forward"], kind
+    assert rows[32]["ending"]["ops_outside_forward"] <= 1.1 * rows[32]["none_ending"]["ops_outside_forward"] + 4
 
 
 def test_the_gpu_check_runs_on_the_cpu_with_a_tiny_model(tmp_path):

@@ -120,9 +120,22 @@ def test_every_cache_family_joins_and_cuts_and_decodes_as_each_row_alone(tokeniz
     eos = ending_tokens(model, tokenizer, rows)
     engine = Engine(model, tokenizer, decoding(tokenizer, eos), Limits(max_sequences=3, step_cost_tokens=0))
     assert engine._joinable
+    assert engine._share == ("Sliding" not in FAMILIES[family][2])  # holes between prefix and row: full attention only
     together = check_as_alone(model, tokenizer, engine, rows, eos)
     assert engine.joins > 0  # rows joined a running set mid-decode
     assert len({f.result.completion_tokens for f in together}) > 1  # rows really ended at different steps
+
+
+@pytest.mark.parametrize("family", [f for f, (_, _, layers) in FAMILIES.items() if "Sliding" not in layers])
+def test_rows_after_a_shared_prefix_decode_as_each_row_alone_in_every_full_attention_family(tokenizer, family):
+    """The same 48-token block before every row, read once (and kept across admissions)."""
+    model = build(tokenizer, family)
+    block = tokenizer.encode("the history of the city and its river told in many small parts " * 6)[:48]
+    words = "why do the boats come back at night to the old harbour".split()
+    rows = [Row(i, f"row-{i}", block + tokenizer.encode(" ".join(words[: 1 + i]))) for i in range(7)]
+    engine = Engine(model, tokenizer, decoding(tokenizer), Limits(max_sequences=3, step_cost_tokens=0))
+    check_as_alone(model, tokenizer, engine, rows, set())
+    assert engine._prefix is not None and len(engine._prefix) == 48
 
 
 def test_a_cache_where_every_layer_slides_drops_the_columns_no_row_can_see(tokenizer, monkeypatch):

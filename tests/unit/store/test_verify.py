@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
+
 from runner.store import output, verify_run
 from tests.conftest import REPO
 from tests.unit.store.test_output import one_row_table
@@ -67,3 +69,20 @@ def test_duplicate_rows_and_an_unfinished_run_fail(tmp_path):
     assert any("appear more than once" in p for p in verify_run(str(tmp_path)).problems)
     (tmp_path / "_manifest.json").unlink()
     assert "the run has not finished" in verify_run(str(tmp_path)).problems[0]
+
+
+def test_hash_collisions_make_suspects_that_the_exact_count_clears(tmp_path, monkeypatch):
+    """verify keeps 64-bit hashes, not Python tuples; a collision (here every hash is 0) is counted again
+    exactly from the files, so a sound run still passes and a real repeat is still named."""
+    from runner.store import verify as verify_lib
+
+    make_run(tmp_path, rows_per_file=(1, 1, 1))
+    monkeypatch.setattr(verify_lib, "hash", lambda value: 0, raising=False)
+    assert verify_run(str(tmp_path)).ok
+    out = output.open_output_dir(str(tmp_path))
+    manifest = output.read_manifest(out)
+    first = pq.read_table(tmp_path / manifest["files"][0]["path"])
+    output.write_shard(out, "part-00001-of-00002-plan.parquet", first)  # row-0 twice, row-1 gone
+    problems = verify_run(str(tmp_path)).problems
+    assert any("1 (id, sample_index) pairs appear more than once, e.g. [('row-0', 0)]" in p for p in problems)
+    assert any("1 ids do not have exactly 1 samples, e.g. ['row-0']" in p for p in problems)
