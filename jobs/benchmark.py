@@ -259,7 +259,7 @@ def main() -> int:
     for result, row in zip(results, rows):
         if result.name.startswith("runner"):
             row["worker_idle_at_end_s"] = bench.worker_idle_at_end(result.batches)
-            row["computed_prompt_tokens"] = result.extra.get("computed_prompt_tokens")
+        row["computed_prompt_tokens"] = result.extra.get("computed_prompt_tokens")  # the runner's and its engine's
     lines = bench.verdicts(rows, args.workload)
     if args.workload == "fewshot":
         unshared = unshared_tokens(model_path, texts)

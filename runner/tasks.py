@@ -65,6 +65,7 @@ class BatchDone:
     latency_s: float  # the worker's time since its previous event: these sum to its busy time
     oom_splits: int = 0
     computed_prompt_tokens: int = 0  # prompt positions the worker's prefills computed since its previous event
+    empty_row_steps: int = 0  # decode steps its engine computed for ended sequences' empty rows since then
 
 
 @dataclass

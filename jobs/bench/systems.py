@@ -192,8 +192,9 @@ def engine(ids: list[str], texts: list[str], model_path: str, quantization: str,
     limits = Limits(max_sequences=running_rows(None, device, budget), max_tokens=budget)
     rows = [Row(k, ids[k], tokenizer(t, add_special_tokens=False).input_ids) for k, t in enumerate(texts)]
     records = []
+    engine_ = Engine(model, tokenizer, decoding, limits)
     with torch.inference_mode():
-        for done in Engine(model, tokenizer, decoding, limits).generate(rows):
+        for done in engine_.generate(rows):
             n = done.result.completion_tokens or 0
             prompt = len(rows[done.key].input_ids)
             records.append(
@@ -203,7 +204,15 @@ def engine(ids: list[str], texts: list[str], model_path: str, quantization: str,
                 )
             )  # fmt: skip
     wall = time.perf_counter() - started
-    return SystemResult("engine", wall, records, notes=f"{limits.max_sequences} rows at most; {note}")
+    steps = sum(r.row_steps for r in records) + engine_.empty_row_steps  # the empty rows of ended ones decode too
+    return SystemResult(
+        "engine",
+        wall,
+        records,
+        notes=f"{limits.max_sequences} rows at most; {note}",
+        row_steps=steps,
+        extra={"computed_prompt_tokens": engine_.prompt_positions},
+    )
 
 
 class RayDataGenerator:

@@ -141,7 +141,7 @@ class ProgressBar:
         t.padded_prompt_tokens += sign * event.padded_prompt_tokens
         t.computed_prompt_tokens += sign * event.computed_prompt_tokens
         t.completion_tokens += sign * event.completion_tokens
-        t.generated_steps += sign * event.generated_steps
+        t.generated_steps += sign * (event.generated_steps + event.empty_row_steps)  # empty rows decode too
         t.batches += sign
         t.busy_s[event.worker] = t.busy_s.get(event.worker, 0.0) + sign * event.latency_s
 

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's slots is free
 EMPTY_SHARE = 0.25  # ended rows' cache rows are dropped once they are this share of the cache (or at a join)
+COMPACT_BACKOFF = 16  # decode steps before a compaction that did not fit is tried again
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
 STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
 
@@ -81,6 +82,7 @@ class Engine:
         self.oom_events = 0  # out-of-memory errors met (prefill and decode), over the engine's life
         self.joins = 0  # prefills whose sequences joined a running set that was decoding, over its life
         self.prompt_positions = 0  # prompt positions its prefills computed (padding and shared prefixes included)
+        self.empty_row_steps = 0  # decode steps computed for the empty rows of ended sequences, over its life
         check_vocabulary(decoding.rules, getattr(getattr(model, "config", None), "vocab_size", None))
         self._chooser = Chooser(decoding)
         probe = kvcache.new_cache(model)
@@ -109,6 +111,8 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [sequences, cache width] attention mask of the running set
         self.seen: Any = None  # [sequences, vocabulary] tokens each holds, with a repetition penalty
+        self._compact_wait = 0  # steps before a compaction is tried again, after one that did not fit
+        self._lost = False  # a cache that cannot join ran out of memory while reordered: unusable
 
     def generate(self, rows: list[Row]) -> Iterator[Finished]:
         """Yield every sequence of `rows` (samples of a row: sample_index 0..n-1) as it ends.
@@ -127,6 +131,10 @@ class Engine:
                     yield from self._admit(waiting)
                 if self.seqs:
                     yield from self._step(waiting)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Its counters so far: out-of-memory errors, prompt positions computed, empty rows' decode steps."""
+        return self.oom_events, self.prompt_positions, self.empty_row_steps
 
     def generate_all(self, rows: list[Row]) -> list[Finished]:
         """Every sequence of `rows`, in row order, samples in order."""
@@ -177,15 +185,20 @@ class Engine:
         now = time.perf_counter()
         for w in taken:
             w.admitted_at = w.admitted_at or now
-        error = None
+        error, stage = None, "cache"
         try:
+            if len(self.slots) > len(self.seqs):
+                self._select(self._live_rows())  # the empty rows leave before anything is read beside them
+            stage = "prefill"
             shared = self._shared_prefix(taken)
             start = len(shared) if shared is not None else 0
             own = [len(w.row.input_ids) - start for w in taken]
             groups = [list(range(len(own)))]  # caches that cannot join: one group
             if self._joinable:
                 groups = plan.prefill_groups(own, self.limits.step_cost_tokens)
-            self._join([self._prefill([taken[i] for i in g], shared) for g in groups])
+            parts = [self._prefill([taken[i] for i in g], shared) for g in groups]
+            stage = "cache"
+            self._join(parts)
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is None:
@@ -193,17 +206,19 @@ class Engine:
             return
         _free_memory()
         self.oom_events += 1
+        parts = None
+        cost = self._cost(len(self.seqs) + sum(len(w.samples) for w in taken), self._widest(taken))
         if self.seqs and kvcache.broken(self.cache):  # the join ran out half-way: the running set's cache is lost
-            self.limits.cache.failed_at(self._cost(len(self.seqs) + len(taken), self._widest(taken)))
+            self.limits.cache.failed_at(cost)
             waiting.extendleft(reversed(taken))
             lost = self.seqs
             self._reset()
             self._send_back(waiting, lost)  # they rerun to the same tokens, before the rows that were joining
             return
-        if len(taken) > 1:  # reading these prompts at once did not fit: read fewer prompt tokens at once
+        if stage == "prefill" and len(taken) > 1:  # reading these prompts at once did not fit: read fewer at once
             self.limits.prefill.failed_at(sum(len(w.row.input_ids) for w in taken))
-        else:  # one row did not fit (beside the running set): the cache holds too much
-            self.limits.cache.failed_at(self._cost(len(self.seqs) + len(taken[0].samples), self._widest(taken)))
+        else:  # the cache holds too much: dropping empty rows, joining, or one row beside the running set
+            self.limits.cache.failed_at(cost)
         alone = taken[0]
         if len(taken) > 1 or self.seqs:
             waiting.extendleft(reversed(taken))  # fewer fit now: the next admission takes fewer
@@ -291,8 +306,6 @@ class Engine:
         import torch
         from torch.nn.functional import pad
 
-        if len(self.slots) > len(self.seqs):
-            self._select(self._live_rows())  # the empty rows leave first, in place
         self.joins += bool(self.seqs)
         pieces = ([Prefilled(self.cache, self.mask, self.seqs, self.seen)] if self.seqs else []) + parts
         width = max(p.mask.shape[1] for p in pieces)
@@ -315,6 +328,12 @@ class Engine:
         """One decode step of the whole running set, then the ended sequences leave it."""
         import torch
 
+        if self._lost:  # its rows rerun to the same tokens
+            lost = self.seqs
+            self._reset()
+            self._send_back(waiting, lost)
+            return
+        self._compact_wait = max(0, self._compact_wait - 1)
         pad = self.decoding.pad_id  # an empty row decodes padding beside the others; nothing is chosen for it
         tokens = torch.tensor([[s.tokens[-1] if s else pad] for s in self.slots], device=self.device)
         positions = torch.tensor([[s.length if s else 0] for s in self.slots], device=self.device)
@@ -336,7 +355,7 @@ class Engine:
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is not None:
-            out = None
+            out = logits = seen = None  # the failed step's [rows, vocabulary] tensors go before evicting
             _free_memory()
             self.oom_events += 1
             self._undo_step()
@@ -344,6 +363,7 @@ class Engine:
             return
         del out
         self.limits.clean_step()
+        self.empty_row_steps += len(self.slots) - len(self.seqs)
         self.mask = mask
         self.seen = took_tokens(self.seen, choice, self._live)
         for i, s in enumerate(self.seqs):
@@ -413,15 +433,24 @@ class Engine:
         self._live = None
 
     def _compact(self) -> None:
-        """Drop the empty rows (and cut columns) now, or, if that does not fit, at a later step."""
+        """Drop the empty rows (and cut columns) now, or, if that does not fit, in COMPACT_BACKOFF steps.
+
+        A cache that cannot join is reordered by transformers layer by layer: running out of memory there
+        leaves it unusable, and the next step sends every row back to wait (`_lost`).
+        """
         import torch
 
         live = self._live_rows()
+        if self._compact_wait:
+            self._live = torch.tensor(live, device=self.device) if len(live) < len(self.slots) else self._live
+            return
         try:
             self._select(live)
         except _oom_errors():
             _free_memory()
             self.oom_events += 1
+            self._lost = not self._joinable
+            self._compact_wait = COMPACT_BACKOFF
             self._live = torch.tensor(live, device=self.device) if len(live) < len(self.slots) else None
 
     def _stale(self) -> int:
@@ -480,14 +509,15 @@ class Engine:
         A cache that cannot be cut (chunked or linear attention: see `kvcache`), or a selection that does
         not fit either, sends every row back to wait.
         """
-        self.limits.cache.failed_at(self._cost(len(self.seqs), max(len(s.row.input_ids) for s in self.seqs)))
-        if len(self.seqs) == 1:
+        # what failed held the empty rows too
+        self.limits.cache.failed_at(self._cost(len(self.slots), max(len(s.row.input_ids) for s in self.seqs)))
+        if len(self.seqs) == 1 and len(self.slots) == 1:
             s = self.seqs[0]
             self._reset()
             yield from self._fail(Waiting(s.row, [s.sample], {s.sample: s.steps}), error)
             return
         seqs = self.seqs
-        keep = len(seqs) - len(seqs) // 2 if self._joinable else 0
+        keep = len(seqs) - len(seqs) // 2 if self._joinable else 0  # one row beside empty ones: it stays, alone
         if keep:
             try:
                 self._select(self._live_rows()[:keep])  # the empty rows leave too

@@ -16,7 +16,7 @@ window. A row's tokens sit contiguous at the right end of the cache, so distance
 columns are distances between positions, whatever padding a join or a cut left; the window
 therefore covers the same tokens as in a cache of that row alone. This costs full-attention memory
 on those layers (the token budget counts them so). A cache where every layer slides drops the
-columns no row can see any more (`stale_columns`). Other kinds of layers (chunked attention,
+columns no row can see any more (the engine's `_stale`). Other kinds of layers (chunked attention,
 linear attention, Mamba states) are left as transformers builds them; `joinable` tells the engine so.
 """
 
@@ -263,8 +263,9 @@ def select(cache: Any, keep: list[int], device: Any, cut: int = 0) -> None:
     moved_from = 0 if cut else next((j for j, i in enumerate(keep) if i != j), len(keep))
     on = _per_device(index)
     scratch: dict[tuple, tuple[Any, Any]] = {}
-    for layer in cache.layers:  # every scratch buffer first: nothing has changed if one does not fit
+    for layer in cache.layers:  # every scratch buffer (and index copy) first: nothing has changed if one does not fit
         layer.own()
+        on(layer.keys.device)
         shape = (len(keep) - moved_from, layer.keys.shape[1], layer.keys.shape[2] - cut)
         key = (shape, layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype, layer.keys.device)
         if key not in scratch and moved_from < len(keep):

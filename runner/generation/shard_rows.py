@@ -55,7 +55,9 @@ class BatchTally:
     def latency_s(self) -> float:
         return self.ended - (self.started or self.ended)
 
-    def event(self, worker: str, shard_id: int, since_last_s: float, oom_splits: int, computed: int = 0) -> BatchDone:
+    def event(
+        self, worker: str, shard_id: int, since_last_s: float, oom_splits: int, computed: int = 0, empty: int = 0
+    ) -> BatchDone:
         return BatchDone(
             worker=worker,
             shard_id=shard_id,
@@ -70,6 +72,7 @@ class BatchTally:
             latency_s=since_last_s,
             oom_splits=oom_splits,
             computed_prompt_tokens=computed,
+            empty_row_steps=empty,
         )
 
 

@@ -272,7 +272,7 @@ class ShardGenerator:
         """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
         from runner.generation.engine import Row
 
-        oom_seen, read_seen, last_event = self.engine.oom_events, self.engine.prompt_positions, time.perf_counter()
+        counted, last_event = self.engine.counts(), time.perf_counter()
         engine_rows = [Row(r, ids[r], input_ids[r], k) for r, k in samples.items()]
         for f in self.engine.generate(engine_rows):
             now = time.perf_counter()
@@ -281,9 +281,10 @@ class ShardGenerator:
             tally.add(f, len(input_ids[f.key]), now)
             if not tally.complete:
                 continue
-            oom, read = self.engine.oom_events - oom_seen, self.engine.prompt_positions - read_seen
-            yield tally.event(self.name, task.shard_id, now - last_event, oom, read)
-            oom_seen, read_seen, last_event = self.engine.oom_events, self.engine.prompt_positions, now
+            counts = self.engine.counts()
+            oom, read, empty = (a - b for a, b in zip(counts, counted))  # since the previous event
+            yield tally.event(self.name, task.shard_id, now - last_event, oom, read, empty)
+            counted, last_event = counts, now
 
     def _commit(self, task: ShardTask, table: pa.Table, ids: list[str]) -> ShardTotals:
         """Write the shard's file (over its committed rows, for a redo); return what its footer records."""

@@ -54,13 +54,13 @@ def verify_run(uri: str) -> Verdict:
         table = _read(out, name, verdict)
         if table is None:
             continue
-        readable.append(name)
         verdict.files += 1
         verdict.rows += table.num_rows
         if table.num_rows != listed[name]:
             verdict.problems.append(f"{name}: {table.num_rows} rows, the manifest says {listed[name]}")
         _check_schema(name, table.schema, manifest["config_hash"], verdict, expected)
         if "id" in table.column_names and "sample_index" in table.column_names:
+            readable.append(name)
             ids, indices = table.column("id").to_pylist(), table.column("sample_index").to_pylist()
             keys.add(ids, indices)
             bad = sorted({k for k in indices if not 0 <= k < samples})
@@ -103,13 +103,12 @@ class _Keys:
         self.ids.append(np.fromiter((hash(i) for i in ids), np.int64, len(ids)))
 
     def suspects(self, samples: int) -> tuple[set[int], set[int]]:
-        """Hashes of pairs seen more than once, and of ids seen other than `samples` times."""
-        found = []
-        for parts, wanted in ((self.pairs, None), (self.ids, samples)):
-            values, counts = np.unique(np.concatenate(parts) if parts else np.zeros(0, np.int64), return_counts=True)
-            odd = counts > 1 if wanted is None else counts != wanted
-            found.append(set(values[odd].tolist()))
-        return found[0], found[1]
+        """Hashes of pairs seen more than once, and of ids with other than `samples` distinct pairs."""
+        pairs = np.concatenate(self.pairs) if self.pairs else np.zeros(0, np.int64)
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        values, first, counts = np.unique(pairs, return_index=True, return_counts=True)
+        id_values, per_id = np.unique(ids[first], return_counts=True)  # each distinct pair once
+        return set(values[counts > 1].tolist()), set(id_values[per_id != samples].tolist())
 
 
 def _exact(
@@ -117,7 +116,7 @@ def _exact(
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """The pairs that really repeat and the ids that really lack samples, among the suspects' hashes."""
     pairs: Counter = Counter()
-    per_id: Counter = Counter()
+    per_id: dict[str, set[int]] = {}
     for name in names:
         with out.fs.open_input_file(out.join(name)) as f:
             table = pq.read_table(f, columns=["id", "sample_index"])
@@ -125,8 +124,8 @@ def _exact(
             if hash((i, k)) in pair_hashes:
                 pairs[(i, k)] += 1
             if hash(i) in id_hashes:
-                per_id[i] += 1
-    return [p for p, n in pairs.items() if n > 1], [i for i, n in per_id.items() if n != samples]
+                per_id.setdefault(i, set()).add(k)
+    return [p for p, n in pairs.items() if n > 1], [i for i, ks in per_id.items() if len(ks) != samples]
 
 
 def _read(out: output.OutputDir, name: str, verdict: Verdict) -> pa.Table | None:

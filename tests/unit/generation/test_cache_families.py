@@ -168,3 +168,27 @@ def test_a_cache_that_cannot_join_says_so_and_still_decodes_each_row_as_alone(to
     assert "DynamicSlidingWindowLayer x 4" in caplog.text and "cannot be joined" in caplog.text
     check_as_alone(model, tokenizer, engine, rows, set())
     assert engine.joins == 0
+
+
+def test_a_cache_that_cannot_join_and_runs_out_while_reordered_reruns_its_rows(tokenizer, monkeypatch):
+    """transformers reorders such a cache layer by layer: out of memory there and every row waits again."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    monkeypatch.setattr(kvcache, "_GROWING", {"full_attention": kvcache.GrowingLayer})
+    model = build(tokenizer, "mistral-sliding-window")
+    rows = rows_of(tokenizer)
+    eos = ending_tokens(model, tokenizer, rows)
+    engine = Engine(model, tokenizer, decoding(tokenizer, eos), Limits(max_sequences=3, step_cost_tokens=0))
+    reorder, failures = DynamicCache.reorder_cache, [1, 1]
+
+    def tight(self, index):
+        if failures and len(index) > 1:
+            failures.pop()
+            self.layers[0].keys = self.layers[0].keys[index]  # half-way: the first layer reordered
+            raise torch.OutOfMemoryError("CUDA out of memory (injected: reordering)")
+        return reorder(self, index)
+
+    monkeypatch.setattr(DynamicCache, "reorder_cache", tight)
+    check_as_alone(model, tokenizer, engine, rows, eos)
+    assert not failures and engine.oom_events == 2

@@ -65,7 +65,20 @@ def test_rows_joining_and_leaving_the_running_set_decode_as_each_row_alone(tiny)
     rows = rows_of(tokenizer, LENGTHS)
     alone = [engine(tiny, eos=[frequent], max_new_tokens=12).generate_all([r])[0] for r in rows]
     small = engine(tiny, max_sequences=3, eos=[frequent], max_new_tokens=12)
-    together = small.generate_all(rows)
+    forward, decoded = model.forward, []
+
+    def counted(input_ids=None, **kwargs):
+        if input_ids.shape[1] == 1:
+            decoded.append(input_ids.shape[0])
+        return forward(input_ids=input_ids, **kwargs)
+
+    model.forward = counted
+    try:
+        together = small.generate_all(rows)
+    finally:
+        model.forward = forward
+    # every row a decode step computed is counted: a sequence's tokens after its first, or an empty row
+    assert sum(decoded) == sum(f.steps - 1 for f in together) + small.empty_row_steps
     assert [f.result.tokens for f in together] == [f.result.tokens for f in alone]
     assert [f.result.completion for f in together] == [f.result.completion for f in alone]
     assert len({f.result.completion_tokens for f in together}) > 1  # rows really ended at different steps
