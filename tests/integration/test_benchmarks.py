@@ -14,9 +14,10 @@ from tests.conftest import REPO, T0_MIX
 pytestmark = pytest.mark.slow
 
 
-def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
+def benchmark(tmp_path, *args: str) -> tuple[dict, dict]:
+    """`jobs/benchmark.py ARGS --out tmp_path`: its report and its systems' rows by name."""
     result = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", "--n", "6", "--max-new-tokens", "4", "--out", str(tmp_path)],
+        [sys.executable, "jobs/benchmark.py", *args, "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -24,7 +25,11 @@ def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
-    systems = {r["system"]: r for r in report["systems"]}
+    return report, {r["system"]: r for r in report["systems"]}
+
+
+def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
+    report, systems = benchmark(tmp_path, "--n", "6", "--max-new-tokens", "4")
     assert set(systems) == {"plain", "sorted", "pipeline", "ray_data", "runner", "runner_2w"}
     assert all(r["rows"] == 6 and r["agreement"] == 1.0 and r["tokens_per_s"] > 0 for r in systems.values())
     assert len({r["prompt_tokens"] for r in systems.values()}) == 1  # every system saw the same prompts
@@ -32,17 +37,21 @@ def test_the_throughput_benchmark_runs_every_system_and_they_agree(tmp_path):
 
 
 def test_the_long_workload_runs_transformers_continuous_batching_beside_the_runner(tmp_path):
-    args = ["--workload", "long", "--n", "4", "--max-new-tokens", "12", "--out", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", *args], cwd=REPO, capture_output=True, text=True, timeout=1200
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "benchmark.json").read_text())
-    systems = {r["system"]: r for r in report["systems"]}
+    report, systems = benchmark(tmp_path, "--workload", "long", "--n", "4", "--max-new-tokens", "12")
     assert set(systems) == {"plain", "sorted", "generate_batch", "runner"} and report["workload"]["workload"] == "long"
     assert all(r["rows"] == 4 and r["generated_tokens"] > 0 for r in systems.values())
     assert systems["runner"]["generation_efficiency"] == 1.0  # the engine spends no step on an ended row
     assert "runner / generate_batch" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_the_few_shot_workload_counts_the_prompt_tokens_the_runner_computed(tmp_path):
+    args = ["--workload", "fewshot", "--n", "6", "--max-new-tokens", "2", "--systems", "sorted,runner"]
+    report, systems = benchmark(tmp_path, *args)
+    unshared = report["workload"]["unshared_prompt_tokens"]
+    assert report["workload"]["prompt_tokens"]["min"] > 900  # the block of examples before every question
+    assert unshared < report["workload"]["prompt_tokens"]["total"] / 3
+    assert systems["runner"]["computed_prompt_tokens"] <= 1.2 * unshared  # the block was read once
+    assert "computed prompt tokens" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_the_scale_benchmark_measures_a_small_input(tmp_path):
