@@ -37,6 +37,7 @@ from typing import Any
 from runner import faults, plan
 from runner.errors import RowFailedError, first_line
 from runner.generation import kvcache, prefix
+from runner.generation.ending import Ending
 from runner.generation.limits import Limits
 from runner.generation.processors import NgramTable, check_vocabulary
 from runner.generation.sampling import Chooser, Decoding, presence, stream_key
@@ -50,7 +51,6 @@ from runner.generation.sequences import (
     left_pad,
     took_tokens,
 )
-from runner.generation.text import stop_enders, stop_tokens, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ REFILL_SHARE = 0.25  # read waiting rows once this share of the running set's sl
 EMPTY_SHARE = 0.25  # ended rows' cache rows are dropped once they are this share of the cache (or at a join)
 COMPACT_BACKOFF = 16  # decode steps before a compaction that did not fit is tried again
 CUT_MIN = 64  # padding-only cache columns worth a copy of the cache to cut (fewer cost little attention)
-STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
 
 
 class Engine:
@@ -97,11 +96,7 @@ class Engine:
                 kvcache.layer_kinds(probe),
             )
         self._failing_rows = faults.failing_rows()
-        # A stop string that is one of the tokenizer's added tokens (`<|im_end|>`, `<end_of_turn>`) ends a
-        # sequence like EOS does: its text never appears once special tokens are skipped.
-        self._stop_ids, self._stop_texts = stop_tokens(tokenizer, decoding.stop_strings)
-        self._stop_tail = STOP_TAIL_TOKENS * max((len(s) for s in self._stop_texts), default=0) + 2
-        self._stop_enders = stop_enders(tokenizer, self._stop_texts)
+        self._ending = Ending(tokenizer, decoding)
         self._reset()
 
     def _reset(self) -> None:
@@ -467,39 +462,10 @@ class Engine:
         return SequenceResult(None, None, "error", message)
 
     def _ended(self, s: Running) -> SequenceResult | None:
-        """The sequence's result if its last token ended it, else None."""
+        """The sequence's result if its last token ended it, else None (`runner.generation.ending`)."""
         if s.row.row_id in self._failing_rows:
             raise faults.InjectedFault("injected fault in this row's decoding")
-        d = self.decoding
-        last = s.tokens[-1]
-        if last in d.eos_ids or last in self._stop_ids:
-            return self._result(s, s.tokens[:-1], "stop")
-        if self._stop_texts and (self._stop_enders is None or last in self._stop_enders):
-            tail = self.tokenizer.decode(s.tokens[-self._stop_tail :], skip_special_tokens=True)
-            if any(stop in tail for stop in self._stop_texts):
-                return self._result(s, s.tokens, "stop")
-        if len(s.tokens) >= d.max_new_tokens:
-            return self._result(s, s.tokens, "length")
-        return None
-
-    def _result(self, s: Running, text_tokens: list[int], reason: str) -> SequenceResult:
-        """Its completion: the text of `text_tokens` (cut at a stop string), every generated token counted."""
-        text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        hits = [text.find(stop) for stop in self._stop_texts if stop in text]
-        if hits:
-            text, reason = text[: min(hits)], "stop"
-        result = SequenceResult(text, len(s.tokens), reason, tokens=list(s.tokens))
-        if self.decoding.logprobs is not None:
-            result.logprobs = list(s.logprobs)
-        if self.decoding.logprobs:
-            result.top_logprobs = self._named(s.top)
-        return result
-
-    def _named(self, top: list[list[tuple[int, float]]]) -> list[list[tuple[int, str, float]]]:
-        """Each step's most likely tokens with their text, special tokens kept (see `token_texts`)."""
-        ids = sorted({i for step in top for i, _ in step})
-        text = dict(zip(ids, token_texts(self.tokenizer, ids)))
-        return [[(i, text[i], lp) for i, lp in step] for step in top]
+        return self._ending.ended(s)
 
     # -- out of memory -------------------------------------------------------------------------
 
