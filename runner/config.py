@@ -21,7 +21,11 @@ from runner.errors import ConfigError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 TOO_LONG = ("refuse", "truncate_left")
-ADDED_KEYS = (("generation", "logprobs"),)  # (section, key): left out of the config hash while null
+# (section, key, default): keys added after runs were written, left out of the config hash while at their default
+ADDED_KEYS = (("generation", "logprobs", None), ("dataset", "settings_columns", {}), ("dataset", "format", "auto"))
+# Generation settings a row may hold its own value of (dataset.settings_columns, an OpenAI Batch body).
+ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_strings", "num_return_sequences")
+FORMATS = ("auto", "openai_batch")
 MAX_LOGPROBS = 20  # top logprobs per step (as vLLM allows by default): each is a (token_id, token, logprob) per token
 ON_ROW_ERROR = ("write", "fail")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -44,6 +48,11 @@ class DatasetConfig:
     # A prompt longer than the model's context minus max_new_tokens: `refuse` the job, or
     # `truncate_left` (keep its end, record the cut in the truncated_tokens column).
     too_long: str = "refuse"
+    # Per-row generation settings: a setting (one of ROW_SETTINGS) -> the input column holding each row's
+    # value; a null value is the job's setting. E.g. {temperature: temp, max_new_tokens: budget}.
+    settings_columns: dict[str, str] = field(default_factory=dict)
+    # `auto`: files by their extension; `openai_batch`: OpenAI Batch API input JSONL (custom_id, url, body).
+    format: str = "auto"
 
 
 @dataclass
@@ -212,6 +221,25 @@ def _dataset_problems(d: DatasetConfig) -> list[str]:
         problems.append("dataset.prompt_column and dataset.messages_column are both null: set one of them")
     if d.too_long not in TOO_LONG:
         problems.append(f"dataset.too_long={d.too_long!r}: accepted values are {', '.join(TOO_LONG)}")
+    for setting, column in d.settings_columns.items():
+        if setting not in ROW_SETTINGS:
+            problems.append(
+                f"dataset.settings_columns.{setting}: not a setting rows can hold; the settings are "
+                f"{', '.join(ROW_SETTINGS)}"
+            )
+        if not isinstance(column, str) or not column.strip():
+            problems.append(f"dataset.settings_columns.{setting}={column!r}: must name an input column")
+        elif column in (d.prompt_column, d.messages_column, d.id_column):
+            problems.append(
+                f"dataset.settings_columns.{setting}={column!r}: that column is the prompt, messages or id column"
+            )
+    if d.format not in FORMATS:
+        problems.append(f"dataset.format={d.format!r}: accepted values are {', '.join(FORMATS)}")
+    if d.format == "openai_batch" and d.settings_columns:
+        problems.append(
+            "dataset.settings_columns with dataset.format=openai_batch: a Batch line's settings are its body's; "
+            "set dataset.settings_columns={} "
+        )
     if d.limit is not None and d.limit <= 0:
         problems.append(f"dataset.limit={d.limit}: must be a positive number of rows, or null for all rows")
     return problems
@@ -312,6 +340,11 @@ def _cluster_problems(c: ClusterConfig) -> list[str]:
     return problems
 
 
+def has_row_settings(job: JobConfig) -> bool:
+    """Whether rows may carry generation settings of their own (and the output the settings columns)."""
+    return bool(job.dataset.settings_columns) or job.dataset.format == "openai_batch"
+
+
 def planned_batch_rows(b: BatchingConfig) -> int:
     """Rows per planned batch: `batching.max_batch_size`, or 128 where it is unset."""
     return b.max_batch_size or PLANNED_BATCH_ROWS
@@ -338,8 +371,8 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     # the shape of any batch does).
     kept["batching"] = {k: v for k, v in kept["batching"].items() if k != "share_prefix"}
     # Keys added after runs were written hash only when set, so those runs still resume.
-    for section, key in ADDED_KEYS:
-        if kept[section].get(key) is None:
+    for section, key, default in ADDED_KEYS:
+        if kept[section].get(key, default) == default:
             kept[section].pop(key, None)
     return kept
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from runner import plan
 from runner.cluster import Session
-from runner.config import JobConfig, planned_batch_rows
+from runner.config import JobConfig, has_row_settings, planned_batch_rows
 from runner.driver.start import start
 from runner.driver.stream import JobStream, PlanStats
 
@@ -31,7 +31,9 @@ class DryRun:
         s, b = self.stats, self.job.batching
         samples = self.job.generation.num_return_sequences
         lines = [
-            f"rows:        {s.rows} ({s.rows * samples} output rows with {samples} sample(s) each)",
+            f"rows:        {s.rows} ({s.outputs} output rows"
+            + (", with their own settings" if has_row_settings(self.job) else f" with {samples} sample(s) each")
+            + ")",
             f"prompt:      {s.prompt_tokens} tokens, {s.prompt_tokens / max(s.rows, 1):.1f} per row"
             + (f"; {s.truncated} prompts cut from the left to fit the context" if s.truncated else ""),
             f"plan:        {s.batches} batches in {s.shards} shards (shard_size={b.shard_size}, "
@@ -42,7 +44,7 @@ class DryRun:
                 if self.global_padding_efficiency is not None
                 else ""
             ),
-            f"generation:  at most {s.rows * samples * self.job.generation.max_new_tokens} new tokens "
+            f"generation:  at most {s.outputs * self.job.generation.max_new_tokens} new tokens "
             f"(max_new_tokens={self.job.generation.max_new_tokens})",
             f"prepared:    in {self.seconds:.1f}s ({s.rows / max(self.seconds, 1e-9):.0f} rows/s)",
             "longest prompts: " + ", ".join(f"{i!r} ({n} tokens)" for n, i in s.longest),

@@ -91,13 +91,12 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         finally:
             if lease is not None:
                 lease.release()
-    samples = job.generation.num_return_sequences
     return RunSummary(
         output_dir=st.out.display,
         output_uri=st.out.uri,
         manifest_path=manifest_path,
-        rows_total=stream.stats.rows * samples,
-        rows_skipped=stream.stats.committed_rows * samples,
+        rows_total=stream.stats.outputs,
+        rows_skipped=stream.stats.committed_outputs,
         rows_redone=stream.stats.redo_rows,
         errors=manifest["totals"]["errors"],
         totals=totals,

@@ -35,12 +35,11 @@ def commit_manifest(
         ConfigError: the directory holds data files this job did not plan.
     """
     present = {i.base_name: i.size for i in store.list_data_files(st.out)}
-    expected = {s.name: s.rows for s in stream.shards}
+    expected = {s.name: s.outputs for s in stream.shards}
     _check_present(st, expected, present)
     earlier = [n for n in expected if n not in written]
     per_file = dict(written) | dict(zip(earlier, store.read_shard_totals(st.out, earlier)))
-    samples = st.job.generation.num_return_sequences
-    wrong = [n for n, rows in expected.items() if per_file[n]["rows"] != rows * samples]
+    wrong = [n for n, rows in expected.items() if per_file[n]["rows"] != rows]
     if wrong:
         raise JobFailedError(
             f"{len(wrong)} files do not hold their planned rows: {listing(wrong, 3)}; rerun with overwrite"

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from runner import input as input_lib
 from runner import store
-from runner.config import JobConfig, config_hash, validate
+from runner.config import JobConfig, config_hash, has_row_settings, validate
 from runner.errors import ConfigError
 
 
@@ -80,10 +80,14 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         input_lib.check_fits(found, model_path)
         adapter = found.label
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapter=found.path))
-    reserved = store.reserved_columns(job.generation.logprobs is not None, adapter is not None) | {input_lib.TOKENS}
+    reserved = store.reserved_columns(
+        job.generation.logprobs is not None, adapter is not None, has_row_settings(job)
+    ) | {input_lib.TOKENS, input_lib.SETTINGS}
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)
-    spec = input_lib.PrepareSpec(job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved)
+    spec = input_lib.PrepareSpec(
+        job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved, job.generation
+    )
     adapter_digest = adapter.rsplit("@", 1)[1] if adapter else None  # what it holds, not what its folder is called
     job_hash = config_hash(job, adapter_digest, input_lib.applied_model_defaults(model_path, revision))
     return JobStart(job, out, model_path, spec, job_hash, new_run_id(), revision, adapter)

@@ -50,6 +50,8 @@ class PlanStats:
     truncated: int = 0
     committed_shards: int = 0  # already in output.dir from an earlier run
     committed_rows: int = 0
+    outputs: int = 0  # output rows: each input row's samples (num_return_sequences, the job's or its own)
+    committed_outputs: int = 0
     redo_rows: int = 0  # error rows of committed shards generated again (output.retry_errors)
     longest: list[tuple[int, str]] = field(default_factory=list)  # (tokens, id), longest first
     lengths: list[np.ndarray] | None = None  # every prompt length, when asked for (dry run)
@@ -65,7 +67,8 @@ class PlanStats:
 class PlannedShard:
     shard_id: int
     name: str
-    rows: int  # input rows (each gives num_return_sequences output rows)
+    rows: int  # input rows
+    outputs: int  # output rows: each input row's num_return_sequences (the job's or its own)
 
 
 class JobStream:
@@ -140,6 +143,8 @@ class JobStream:
             return []
         lengths = np.concatenate([m.lengths for m in metas])
         keys = np.concatenate([m.row_hashes for m in metas])
+        n = self.job.generation.num_return_sequences
+        samples = np.concatenate([m.samples if m.samples is not None else np.full(m.rows, n, np.int32) for m in metas])
         where = np.concatenate([np.stack([np.full(m.rows, k), np.arange(m.rows)], 1) for k, m in enumerate(metas)])
         g, b = self.job.generation, self.job.batching
         lengths_list = lengths.tolist()
@@ -157,6 +162,8 @@ class JobStream:
         )
         self._next_batch += the_plan.num_batches
         self._count(metas, the_plan, lengths_list)
+        self.stats.outputs += int(samples.sum())
+        outputs = {s.shard_id: int(samples[np.array(s.rows, dtype=np.int64)].sum()) for s in the_plan.shards}
         tasks = []
         for shard in plan.schedule_order(the_plan):
             name = store.shard_file_name(shard.shard_id, shard.fingerprint)
@@ -164,6 +171,7 @@ class JobStream:
             if self.existing is not None and self.existing.committed(shard.shard_id, name):
                 self.stats.committed_shards += 1
                 self.stats.committed_rows += shard.num_rows
+                self.stats.committed_outputs += outputs[shard.shard_id]
                 redo = self.existing.redo.get(name)
                 if redo is None:
                     continue
@@ -187,7 +195,12 @@ class JobStream:
             )
         for shard in sorted(the_plan.shards, key=lambda s: s.shard_id):
             self.shards.append(
-                PlannedShard(shard.shard_id, store.shard_file_name(shard.shard_id, shard.fingerprint), shard.num_rows)
+                PlannedShard(
+                    shard.shard_id,
+                    store.shard_file_name(shard.shard_id, shard.fingerprint),
+                    shard.num_rows,
+                    outputs[shard.shard_id],
+                )
             )
         return tasks
 

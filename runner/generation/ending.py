@@ -10,6 +10,7 @@ No torch: token ids in, `SequenceResult` out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from runner.generation.sampling import Decoding
@@ -19,23 +20,47 @@ from runner.generation.text import stop_enders, stop_tokens, token_texts
 STOP_TAIL_TOKENS = 4  # tokens decoded per character of the longest stop string, when checking for it
 
 
+@dataclass
+class Stops:
+    """One set of stop strings, as `ended` checks them: the ids of those that are added tokens, the texts
+    of the others, how many tokens a check decodes and the tokens that can complete one."""
+
+    ids: frozenset[int]
+    texts: tuple[str, ...]
+    tail: int
+    enders: Any
+
+    @classmethod
+    def of(cls, tokenizer: Any, stop_strings: tuple[str, ...]) -> Stops:
+        ids, texts = stop_tokens(tokenizer, stop_strings)
+        tail = STOP_TAIL_TOKENS * max((len(s) for s in texts), default=0) + 2
+        return cls(frozenset(ids), tuple(texts), tail, stop_enders(tokenizer, texts))
+
+
 class Ending:
+    """When the engine's sequences end, each by its own row's settings (max_new_tokens, stop strings)."""
+
     def __init__(self, tokenizer: Any, decoding: Decoding):
         self.tokenizer = tokenizer
         self.decoding = decoding
-        self.stop_ids, self.stop_texts = stop_tokens(tokenizer, decoding.stop_strings)
-        self.tail = STOP_TAIL_TOKENS * max((len(s) for s in self.stop_texts), default=0) + 2
-        self.enders = stop_enders(tokenizer, self.stop_texts)
+        self._stops: dict[tuple[str, ...], Stops] = {}
+
+    def stops(self, stop_strings: tuple[str, ...]) -> Stops:
+        found = self._stops.get(stop_strings)
+        if found is None:
+            found = self._stops[stop_strings] = Stops.of(self.tokenizer, stop_strings)
+        return found
 
     def ended(self, s: Running) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""
-        d = self.decoding
+        d = s.decoding
+        stops = self.stops(d.stop_strings)
         last = s.tokens[-1]
-        if last in d.eos_ids or last in self.stop_ids:
+        if last in d.eos_ids or last in stops.ids:
             return self.result(s, s.tokens[:-1], "stop")
-        if self.stop_texts and (self.enders is None or last in self.enders):
-            tail = self.tokenizer.decode(s.tokens[-self.tail :], skip_special_tokens=True)
-            if any(stop in tail for stop in self.stop_texts):
+        if stops.texts and (stops.enders is None or last in stops.enders):
+            tail = self.tokenizer.decode(s.tokens[-stops.tail :], skip_special_tokens=True)
+            if any(stop in tail for stop in stops.texts):
                 return self.result(s, s.tokens, "stop")
         if len(s.tokens) >= d.max_new_tokens:
             return self.result(s, s.tokens, "length")
@@ -44,7 +69,8 @@ class Ending:
     def result(self, s: Running, text_tokens: list[int], reason: str) -> SequenceResult:
         """Its completion: the text of `text_tokens` (cut at a stop string), every generated token counted."""
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        hits = [text.find(stop) for stop in self.stop_texts if stop in text]
+        texts = self.stops(s.decoding.stop_strings).texts
+        hits = [text.find(stop) for stop in texts if stop in text]
         if hits:
             text, reason = text[: min(hits)], "stop"
         result = SequenceResult(text, len(s.tokens), reason, tokens=list(s.tokens))

@@ -117,8 +117,7 @@ class Engine:
         """
         import torch
 
-        every = tuple(range(self.decoding.samples))
-        waiting = deque(Waiting(r, list(every if r.samples is None else r.samples)) for r in rows)
+        waiting = deque(Waiting(r, list(self._samples(r))) for r in rows)
         self._reset()
         with torch.inference_mode():
             while waiting or self.seqs:
@@ -126,6 +125,11 @@ class Engine:
                     yield from self._admit(waiting)
                 if self.seqs:
                     yield from self._step(waiting)
+
+    def _samples(self, row: Row) -> tuple[int, ...]:
+        if row.samples is not None:
+            return row.samples
+        return tuple(range((row.decoding or self.decoding).samples))
 
     def counts(self) -> tuple[int, int, int]:
         """Its counters so far: out-of-memory errors, prompt positions computed, empty rows' decode steps."""
@@ -278,12 +282,14 @@ class Engine:
         seqs = []
         for w in group:
             table = NgramTable(n, w.row.input_ids) if n else None
+            decoding = w.row.decoding or self.decoding
             for k in w.samples:
                 seqs.append(
                     Running(
                         row=w.row,
                         sample=k,
-                        stream=stream_key(self.decoding.seed, w.row.row_id, k),
+                        decoding=decoding,
+                        stream=stream_key(decoding.seed, w.row.row_id, k),
                         length=len(w.row.input_ids),
                         padded_length=width,
                         admitted_at=w.admitted_at,

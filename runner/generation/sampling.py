@@ -114,7 +114,8 @@ class Chooser:
 
     def choose(self, logits: Any, seqs: Sequence[Any], seen: Any = None) -> Choice:
         """The next token of each sequence of `seqs`, each with `prompt` and `tokens` (its ids so far),
-        `stream` (its random stream's key) and `ngrams` (its `NgramTable`, with no_repeat_ngram_size).
+        `stream` (its random stream's key), `ngrams` (its `NgramTable`, with no_repeat_ngram_size) and
+        `decoding` (its row's own `Decoding`, where it has settings of its own; else the chooser's).
 
         `seen`: with a repetition penalty, the [sequences, vocabulary] presence of each sequence's prompt
         and generated tokens (`presence`), kept by the caller as tokens are taken.
@@ -129,6 +130,9 @@ class Chooser:
             )
         if self.penalized:
             scores = penalize(scores, seen, d.repetition_penalty)
+        own = [getattr(s, "decoding", d) for s in seqs]
+        if any(o is not d for o in own):
+            return self._with_logprobs(logits, self._per_row(scores, seqs, own))
         if not d.do_sample:
             return self._with_logprobs(logits, scores.argmax(dim=-1))
         for warper in self.warpers:
@@ -138,6 +142,33 @@ class Chooser:
         # right=True: the first token whose cumulative probability exceeds u, never one of probability 0
         picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
         return self._with_logprobs(logits, picked.clamp_(max=cdf.shape[1] - 1))
+
+    def _per_row(self, scores: Any, seqs: Sequence[Any], own: list[Decoding]) -> Any:
+        """Each sequence's token under its own settings (greedy or sampled, its temperature, top-k and
+        top-p), the whole set at once: a row's pick equals the one its settings give as the job's."""
+        import torch
+
+        greedy = scores.argmax(dim=-1)
+        sampled = [o.do_sample for o in own]
+        if not any(sampled):
+            return greedy
+        scores = warp_rows(
+            scores,
+            [o.temperature if o.do_sample and o.temperature is not None else 1.0 for o in own],
+            [o.top_k if o.do_sample and o.top_k else 0 for o in own],
+            [o.top_p if o.do_sample and o.top_p is not None else 1.0 for o in own],
+        )
+        min_p = next((o.min_p for o in own if o.do_sample and o.min_p is not None), None)
+        if min_p is not None:  # the model's own, the same for every sampled row
+            from transformers.generation.logits_process import MinPLogitsWarper
+
+            scores = MinPLogitsWarper(min_p)(None, scores)
+        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        u = [uniform(s.stream, len(s.tokens)) if on else 0.0 for s, on in zip(seqs, sampled)]
+        u = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        picked = picked.clamp_(max=cdf.shape[1] - 1)
+        return torch.where(torch.tensor(sampled, device=picked.device), picked, greedy)
 
     def _with_logprobs(self, logits: Any, picked: Any) -> Choice:
         """The picked tokens, and their log-probabilities under the model's raw logits (one transfer each)."""
@@ -164,6 +195,29 @@ def uniform(stream: bytes, step: int) -> float:
     """The step's uniform number in [0, 1) of a sequence's random stream (24 bits: exact in float32)."""
     digest = hashlib.blake2b(step.to_bytes(4, "little"), key=stream, digest_size=3).digest()
     return int.from_bytes(digest, "little") / (1 << 24)
+
+
+def warp_rows(scores: Any, temperature: list[float], top_k: list[int], top_p: list[float]) -> Any:
+    """Transformers' temperature, top-k and top-p warpers in generate's order, each row with its own value
+    (1.0, 0 and 1.0 leave a row as it is): equal, row by row, to those warpers given that row's values."""
+    import torch
+
+    if any(t != 1.0 for t in temperature):
+        scores = scores / torch.tensor(temperature, dtype=scores.dtype, device=scores.device).unsqueeze(1)
+    vocab = scores.shape[-1]
+    ks = [min(k, vocab) if k > 0 else vocab for k in top_k]
+    if any(k < vocab for k in ks):  # the k-th largest score of each row is its threshold
+        kth = torch.topk(scores, max(ks)).values
+        kth = kth.gather(1, torch.tensor(ks, device=scores.device).sub_(1).unsqueeze(1))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if any(p < 1.0 for p in top_p):
+        # 1 - p as transformers computes it (in double, compared in the scores' dtype); -1 keeps every token
+        cut = torch.tensor([1 - p if p < 1.0 else -1.0 for p in top_p], dtype=scores.dtype, device=scores.device)
+        ordered, order = torch.sort(scores, descending=False)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= cut.unsqueeze(1)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
 
 
 def penalize(scores: Any, seen: Any, penalty: float) -> Any:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.generation.processors import NgramTable
-from runner.generation.sampling import Choice
+from runner.generation.sampling import Choice, Decoding
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Row:
     row_id: str  # the row's id: with the seed and the sample index, its random stream
     input_ids: list[int]
     samples: tuple[int, ...] | None = None  # the sample indices to generate (None: all of them)
+    decoding: Decoding | None = None  # its own settings (dataset.settings_columns); None: the engine's
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Waiting:
 class Running:
     row: Row
     sample: int
+    decoding: Decoding  # its row's settings, or the engine's
     stream: bytes  # the key of its random stream
     length: int  # real tokens in the KV cache (prompt, then generated ones fed back)
     padded_length: int

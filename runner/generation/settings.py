@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runner.config import JobConfig
-from runner.generation.sampling import SAMPLING_DEFAULTS
+from runner.config import JobConfig, has_row_settings
+from runner.generation.sampling import SAMPLING_DEFAULTS, Decoding
 from runner.tasks import WorkerSetup
 
 
@@ -47,7 +47,7 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
     config_json = json.dumps(
         {k: v for k, v in generation_config.to_dict().items() if v is not None}, sort_keys=True, default=str
     )
-    return {
+    columns = {
         "model": setup.job.model.name_or_path,
         "quantization": setup.job.model.quantization,
         "model_revision": setup.model_revision,
@@ -64,4 +64,39 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
         "config_hash": setup.config_hash,
         "worker": name,
         "device": device,
+    }
+    if has_row_settings(setup.job):
+        stops = generation_config.stop_strings or []
+        columns["stop_strings"] = [stops] if isinstance(stops, str) else list(stops)
+        columns["num_return_sequences"] = gen.num_return_sequences
+    return columns
+
+
+def row_columns(static: dict[str, Any], d: Decoding) -> dict[str, Any]:
+    """The settings columns of a row decoded with its own settings `d`, over the job's (`static`): what it used.
+
+    Its `generation_config` is the job's with the row's values in place.
+    """
+    sampled = {k: getattr(d, k) if d.do_sample else None for k in ("temperature", "top_p", "top_k")}
+    config = json.loads(static["generation_config"])
+    config.update(
+        {k: v for k, v in sampled.items() if v is not None},
+        do_sample=d.do_sample,
+        max_new_tokens=d.max_new_tokens,
+        num_return_sequences=d.samples,
+        stop_strings=list(d.stop_strings),
+    )
+    for k, v in sampled.items():
+        if v is None:
+            config.pop(k, None)
+    if not d.stop_strings:
+        config.pop("stop_strings")
+    return {
+        **sampled,
+        "do_sample": d.do_sample,
+        "max_new_tokens": d.max_new_tokens,
+        "seed": d.seed,
+        "stop_strings": list(d.stop_strings),
+        "num_return_sequences": d.samples,
+        "generation_config": json.dumps(config, sort_keys=True, default=str),
     }

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.input import PREPARED_FIELDS, TOKENS
+from runner.input import PREPARED_FIELDS, SETTINGS, TOKENS
 from runner.tasks import BatchDone, ShardTask
 
 
@@ -76,10 +76,11 @@ class BatchTally:
         )
 
 
-def wanted(ids: list[str], per_row: int, redo: dict[str, list[int]] | None) -> dict[int, tuple[int, ...]]:
-    """Which sample indices of which rows (by position) a task generates: all, or those to redo."""
+def wanted(ids: list[str], per_row: list[int], redo: dict[str, list[int]] | None) -> dict[int, tuple[int, ...]]:
+    """Which sample indices of which rows (by position) a task generates: all (`per_row`: each row's
+    num_return_sequences), or those to redo."""
     if redo is None:
-        return {r: tuple(range(per_row)) for r in range(len(ids))}
+        return {r: tuple(range(n)) for r, n in enumerate(per_row)}
     strangers = set(redo) - set(ids)
     if strangers:  # never write a file without rows it held
         raise RuntimeError(f"rows to generate again are not in this shard: {sorted(strangers)[:3]}")
@@ -101,6 +102,8 @@ def tallies(task: ShardTask, samples: dict[int, tuple[int, ...]]) -> dict[int, B
 def conform(rows: pa.Table, carry_schema: pa.Schema) -> pa.Table:
     """Prepared rows with the run's carried columns, cast to their types (null where a chunk lacks one)."""
     fixed = pa.schema(PREPARED_FIELDS)
+    if SETTINGS in rows.column_names:  # the rows' own settings (runner.input.settings)
+        fixed = fixed.append(rows.schema.field(SETTINGS))
     columns = [rows.column(f.name) for f in fixed]
     for f in carry_schema:
         if f.name in rows.column_names:
@@ -132,13 +135,19 @@ def shard_table(
     static: dict[str, Any],
     schema: pa.Schema,
     carry_names: list[str],
+    own: dict[int, dict[str, Any]] | None = None,
 ) -> pa.Table:
-    """The output rows of the generated sequences, in plan order (samples in order), carried columns after."""
+    """The output rows of the generated sequences, in plan order (samples in order), carried columns after.
+
+    Args:
+        own: the settings columns of rows with settings of their own (by position), over `static`'s.
+    """
     ids, prompts = rows.column("id").to_pylist(), rows.column("prompt").to_pylist()
     lengths = pc.list_value_length(rows.column(TOKENS)).to_pylist()
     truncated = rows.column("truncated_tokens").to_pylist()
-    own = [f for f in schema if f.name not in carry_names]  # the contract's columns (logprobs where on)
-    columns: dict[str, list[Any]] = {f.name: [] for f in own}
+    fields = [f for f in schema if f.name not in carry_names]  # the contract's columns (logprobs where on)
+    columns: dict[str, list[Any]] = {f.name: [] for f in fields}
+    own = own or {}
     carry_rows: list[int] = []
     for row, indices in samples.items():
         tally = batch_of[row]
@@ -162,12 +171,13 @@ def shard_table(
                 "finish_reason": f.result.finish_reason,
                 "error": f.result.error,
                 **static,
+                **own.get(row, {}),
                 **logprob_values(f.result),
             }
             for name, column in columns.items():
                 column.append(values[name])
     carry = rows.select(carry_names).take(pa.array(carry_rows, pa.int64()))
-    arrays = [pa.array(columns[f.name], type=f.type) for f in own]
+    arrays = [pa.array(columns[f.name], type=f.type) for f in fields]
     arrays += [carry.column(name).combine_chunks() for name in carry.column_names]
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -10,6 +10,7 @@ the pool on the driver names the class without loading the model code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +22,11 @@ from typing import Any
 import pyarrow as pa
 
 from runner import faults, store
+from runner.config import has_row_settings
 from runner.generation import shard_rows
-from runner.generation.settings import build_generation_config, static_columns
-from runner.input import TOKENS
+from runner.generation.row_settings import RowDecodings
+from runner.generation.settings import build_generation_config, row_columns, static_columns
+from runner.input import SETTINGS, TOKENS
 from runner.secrets import apply_submitted_env
 from runner.tasks import BatchDone, ShardDone, ShardTask, ShardTotals, WorkerSetup
 
@@ -213,6 +216,12 @@ class ShardGenerator:
         self.limits.max_tokens = b.max_batch_tokens if b.max_batch_tokens is not None else self.memory_budget
         self.limits.step_cost_tokens = b.step_cost_tokens
         decoding = Decoding.from_generation_config(self.generation_config, job.generation.seed, job.generation.logprobs)
+        sampled = decoding
+        if not job.generation.do_sample:  # what a row of its own temperature > 0 samples with
+            as_sampled = dataclasses.replace(job, generation=dataclasses.replace(job.generation, do_sample=True))
+            config = build_generation_config(self.model.generation_config, as_sampled, self.tokenizer)
+            sampled = Decoding.from_generation_config(config, job.generation.seed, job.generation.logprobs)
+        self.row_decodings = RowDecodings(decoding, sampled)
         # The job's own settings are all applied (the config schema has no others); these come from the
         # model's generation_config.json. They are named in the log, the run's summary and its manifest.
         self.ignored = tuple(unsupported_settings(self.generation_config))
@@ -221,7 +230,11 @@ class ShardGenerator:
         self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error, b.share_prefix)
         self.out = store.open_output_dir(job.output.dir)
         self.schema = store.output_schema(
-            setup.carry_schema, setup.file_metadata, job.generation.logprobs is not None, setup.adapter is not None
+            setup.carry_schema,
+            setup.file_metadata,
+            job.generation.logprobs is not None,
+            setup.adapter is not None,
+            has_row_settings(job),
         )
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 
@@ -240,12 +253,25 @@ class ShardGenerator:
         started_at = time.time()
         rows = gather(task, self.setup.carry_schema)
         ids = rows.column("id").to_pylist()
-        samples = shard_rows.wanted(ids, self.setup.job.generation.num_return_sequences, task.redo)
+        decodings = self._row_decodings(rows)
+        per_row = [(d or self.row_decodings.job).samples for d in decodings]
+        samples = shard_rows.wanted(ids, per_row, task.redo)
         batch_of = shard_rows.tallies(task, samples)
         done: dict[tuple[int, int], Any] = {}
-        yield from self._generate(task, ids, rows.column(TOKENS).to_pylist(), samples, batch_of, done)
+        yield from self._generate(task, ids, rows.column(TOKENS).to_pylist(), samples, batch_of, done, decodings)
+        own: dict[Any, dict[str, Any]] = {}
+        for d in {d for d in decodings if d is not None and d is not self.row_decodings.job}:
+            own[d] = row_columns(self.static_columns, d)
         table = shard_rows.shard_table(
-            task, rows, samples, batch_of, done, self.static_columns, self.schema, self.setup.carry_schema.names
+            task,
+            rows,
+            samples,
+            batch_of,
+            done,
+            self.static_columns,
+            self.schema,
+            self.setup.carry_schema.names,
+            {r: own[d] for r, d in enumerate(decodings) if d in own},
         )
         totals = self._commit(task, table, ids)
         yield ShardDone(
@@ -260,6 +286,12 @@ class ShardGenerator:
             ignored_settings=self.ignored,
         )
 
+    def _row_decodings(self, rows: pa.Table) -> list[Any]:
+        """Each row's own `Decoding` (None: it decodes with the job's), from its settings column."""
+        if SETTINGS not in rows.column_names:
+            return [None] * rows.num_rows
+        return [self.row_decodings.of(v) for v in rows.column(SETTINGS).to_pylist()]
+
     def _generate(
         self,
         task: ShardTask,
@@ -268,12 +300,13 @@ class ShardGenerator:
         samples: dict[int, tuple[int, ...]],
         batch_of: dict[int, shard_rows.BatchTally],
         done: dict[tuple[int, int], Any],
+        decodings: list[Any],
     ) -> Iterator[BatchDone]:
         """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
         from runner.generation.engine import Row
 
         counted, last_event = self.engine.counts(), time.perf_counter()
-        engine_rows = [Row(r, ids[r], input_ids[r], k) for r, k in samples.items()]
+        engine_rows = [Row(r, ids[r], input_ids[r], k, decodings[r]) for r, k in samples.items()]
         for f in self.engine.generate(engine_rows):
             now = time.perf_counter()
             done[(f.key, f.sample_index)] = f

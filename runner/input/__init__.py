@@ -19,6 +19,7 @@ from runner.input.models import (
     resolve_revision,
 )
 from runner.input.prepare import PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
+from runner.input.settings import SETTINGS
 from runner.input.sources import RawChunk, Source, read_chunks
 from runner.input.sources import resolve as resolve_source
 
@@ -31,6 +32,7 @@ __all__ = [
     "ChunkPreparer",
     "PrepareSpec",
     "RawChunk",
+    "SETTINGS",
     "Source",
     "applied_model_defaults",
     "cache_root",

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runner.config import DatasetConfig, ModelConfig
+from runner.config import DatasetConfig, GenerationSettings, ModelConfig
 from runner.errors import ConfigError
 from runner.input.models import load_tokenizer
 from runner.input.render import cut_user_text, render_and_tokenize, user_text
 from runner.input.rows import parse_chunk, prompts_from_table
+from runner.input.settings import SETTINGS, check_settings, from_columns, samples_per_row
 from runner.secrets import apply_submitted_env
 
 LONGEST = 5  # longest prompts each chunk reports (the dry run shows them)
@@ -45,6 +46,7 @@ class PrepareSpec:
     max_new_tokens: int
     context: int | None  # the model's context window, if known
     reserved_columns: frozenset[str]
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # what rows' own settings are held to
 
 
 @dataclass
@@ -63,6 +65,7 @@ class ChunkMeta:
     too_long: list[tuple[str, int]] = field(default_factory=list)  # (id, tokens) over the context, too_long=refuse
     truncated: int = 0  # rows cut from the left to fit (too_long=truncate_left)
     longest: list[tuple[int, str]] = field(default_factory=list)  # (tokens, id) of its longest prompts
+    samples: np.ndarray | None = None  # int32 sequences per row, where rows have settings of their own
 
 
 class ChunkPreparer:
@@ -111,12 +114,16 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     try:
         table = parse_chunk(chunk)
         prompts = prompts_from_table(table, spec.dataset, spec.reserved_columns, chunk.first_row)
+        settings = _row_settings(table, prompts.ids, spec)
         texts, input_ids = render_and_tokenize(prompts, tokenizer, spec.model.chat_template)
     except ConfigError as e:
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
+    new_tokens = None
+    if settings is not None:
+        new_tokens = settings.field("max_new_tokens").fill_null(spec.max_new_tokens).to_pylist()
     truncated, too_long = fit_context(
-        input_ids, texts, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit)
+        input_ids, texts, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit), new_tokens
     )
     meta = ChunkMeta(
         rows=len(texts),
@@ -130,6 +137,8 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
         truncated=sum(1 for t in truncated if t),
     )
     meta.longest = heapq.nlargest(LONGEST, zip(meta.lengths.tolist(), prompts.ids))
+    if settings is not None:
+        meta.samples = samples_per_row(settings, len(texts), spec.generation)
     columns = {
         "id": pa.array(prompts.ids, pa.string()),
         "prompt": pa.array(texts, pa.string()),
@@ -137,9 +146,30 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
         "truncated_tokens": pa.array(truncated, pa.int32()),
     }
     rows = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(PREPARED_FIELDS))
+    if settings is not None:
+        rows = rows.append_column(SETTINGS, settings)
     for name in prompts.carry.column_names:
         rows = rows.append_column(name, prompts.carry.column(name))
     return meta, rows
+
+
+def _row_settings(table: pa.Table, ids: list[str], spec: PrepareSpec) -> pa.Array | None:
+    """The rows' own generation settings, checked (None: the job has no per-row settings).
+
+    Raises:
+        ConfigError: a mapped column is missing, or rows hold values that are not good settings.
+    """
+    mapping = spec.dataset.settings_columns
+    if not mapping:
+        return None
+    values, problems = from_columns(table, mapping)
+    if not problems:
+        settings, problems = check_settings(
+            values, ids, spec.generation, lambda k: f"dataset.settings_columns.{k}={mapping[k]!r}"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return settings
 
 
 def _failed(chunk: Any, problems: list[str], title: str) -> ChunkMeta:
@@ -154,6 +184,7 @@ def fit_context(
     texts: list[str],
     spec: PrepareSpec,
     cut: Callable[[int, int], tuple[list[int], str] | None],
+    new_tokens: list[int] | None = None,
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Make every prompt leave room for max_new_tokens in the model's context window.
 
@@ -162,6 +193,7 @@ def fit_context(
     Args:
         cut: (row, limit) -> the row's ids cut to `limit` from the left of the user's text (the
             chat template's pieces kept) and the text they stand for, or None when that cannot be done.
+        new_tokens: each row's own max_new_tokens, where rows have their own (else the job's).
 
     Returns:
         Tokens cut from each prompt (all 0 unless dataset.too_long=truncate_left), and (row, tokens)
@@ -170,13 +202,14 @@ def fit_context(
     truncated = [0] * len(input_ids)
     if not spec.context:
         return truncated, []
+    limits = [spec.context - n for n in new_tokens] if new_tokens else None
     limit = spec.context - spec.max_new_tokens
-    too_long = [(i, len(x)) for i, x in enumerate(input_ids) if len(x) > limit]
+    too_long = [(i, len(x)) for i, x in enumerate(input_ids) if len(x) > (limits[i] if limits else limit)]
     if spec.dataset.too_long == "refuse":
         return truncated, too_long
     uncut = []
     for i, n in too_long:
-        done = cut(i, limit)
+        done = cut(i, limits[i] if limits else limit)
         if done is None:
             uncut.append((i, n))
             continue

@@ -81,27 +81,42 @@ LOGPROB_FIELDS = [
 ]
 BASE_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
 ADAPTER_FIELD = pa.field("adapter", pa.string(), nullable=False)  # only with model.adapter: name@hash of its weights
+# Only in jobs whose rows have settings of their own (dataset.settings_columns, an OpenAI Batch file): with
+# the sampling columns above, what each row used.
+SETTINGS_FIELDS = [
+    pa.field("stop_strings", pa.list_(pa.string()), nullable=False),
+    pa.field("num_return_sequences", pa.int32(), nullable=False),
+]
 
 
-def contract_fields(logprobs: bool = False, adapter: bool = False) -> list[pa.Field]:
+def contract_fields(logprobs: bool = False, adapter: bool = False, settings: bool = False) -> list[pa.Field]:
     """The runner's own columns of a data file, in order (the optional ones where the job has them)."""
-    return BASE_FIELDS + ([ADAPTER_FIELD] if adapter else []) + (LOGPROB_FIELDS if logprobs else [])
+    return (
+        BASE_FIELDS
+        + (SETTINGS_FIELDS if settings else [])
+        + ([ADAPTER_FIELD] if adapter else [])
+        + (LOGPROB_FIELDS if logprobs else [])
+    )
 
 
-def reserved_columns(logprobs: bool = False, adapter: bool = False) -> frozenset[str]:
+def reserved_columns(logprobs: bool = False, adapter: bool = False, settings: bool = False) -> frozenset[str]:
     """Names no carried input column may keep (it is carried as input_NAME): the job's own columns only,
     so an input column named like an optional one stays as it is in jobs without that option."""
-    return frozenset(f.name for f in contract_fields(logprobs, adapter))
+    return frozenset(f.name for f in contract_fields(logprobs, adapter, settings))
 
 
 def output_schema(
-    carry_schema: pa.Schema, metadata: dict[bytes, bytes] | None = None, logprobs: bool = False, adapter: bool = False
+    carry_schema: pa.Schema,
+    metadata: dict[bytes, bytes] | None = None,
+    logprobs: bool = False,
+    adapter: bool = False,
+    settings: bool = False,
 ) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter)]
+    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter, settings)]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
-    return pa.schema(contract_fields(logprobs, adapter) + list(carry_schema), metadata=metadata)
+    return pa.schema(contract_fields(logprobs, adapter, settings) + list(carry_schema), metadata=metadata)
 
 
 def file_metadata(config: dict[str, Any], config_hash: str, run_id: str, model_revision: str) -> dict[bytes, bytes]:

@@ -46,8 +46,12 @@ def verify_run(uri: str) -> Verdict:
     samples = manifest.get("config", {}).get("generation", {}).get("num_return_sequences", 1)
     config = manifest.get("config", {})
     # the contract's columns, the optional ones where the run has them (logprobs, an adapter)
+    dataset = config.get("dataset", {})
+    own_settings = bool(dataset.get("settings_columns")) or dataset.get("format") == "openai_batch"
     expected = output.contract_fields(
-        config.get("generation", {}).get("logprobs") is not None, bool(config.get("model", {}).get("adapter"))
+        config.get("generation", {}).get("logprobs") is not None,
+        bool(config.get("model", {}).get("adapter")),
+        own_settings,
     )
     readable = []
     for name in sorted(set(listed) & present):
@@ -62,8 +66,9 @@ def verify_run(uri: str) -> Verdict:
         if "id" in table.column_names and "sample_index" in table.column_names:
             readable.append(name)
             ids, indices = table.column("id").to_pylist(), table.column("sample_index").to_pylist()
-            keys.add(ids, indices)
-            bad = sorted({k for k in indices if not 0 <= k < samples})
+            wants = _wants(table, samples)
+            keys.add(ids, indices, wants)
+            bad = sorted({k for k, n in zip(indices, wants) if not 0 <= k < n})
             verdict.problems += [f"{name}: sample_index values {bad[:5]} outside 0..{samples - 1}"] if bad else []
             if "finish_reason" in table.column_names:
                 reasons = table.column("finish_reason").to_pylist()
@@ -71,13 +76,14 @@ def verify_run(uri: str) -> Verdict:
                 verdict.errors += len(failed)
                 verdict.error_examples += failed[: 3 - len(verdict.error_examples)]
         del table
-    repeated, short = keys.suspects(samples)
+    repeated, short = keys.suspects()
     if repeated or short:  # hashes can collide: the suspects are counted exactly, in a second pass
         repeated, short = _exact(out, readable, repeated, short, samples)
     if repeated:
         verdict.problems.append(f"{len(repeated)} (id, sample_index) pairs appear more than once, e.g. {repeated[:3]}")
     if short:
-        verdict.problems.append(f"{len(short)} ids do not have exactly {samples} samples, e.g. {short[:3]}")
+        each = "their own num_return_sequences" if own_settings else samples
+        verdict.problems.append(f"{len(short)} ids do not have exactly {each} samples, e.g. {short[:3]}")
     counted = manifest.get("totals", {}).get("errors")
     if counted is not None and counted != verdict.errors:
         verdict.problems.append(f"{verdict.errors} error rows in the files, the manifest totals say {counted}")
@@ -85,6 +91,9 @@ def verify_run(uri: str) -> Verdict:
     if expected is not None and verdict.rows != expected:
         verdict.problems.append(f"{verdict.rows} rows in the files, the manifest totals say {expected}")
     return verdict
+
+
+SAMPLES = "num_return_sequences"  # the column of each row's own number of samples, where rows have settings
 
 
 class _Keys:
@@ -97,18 +106,23 @@ class _Keys:
     def __init__(self) -> None:
         self.pairs: list[Any] = []
         self.ids: list[Any] = []
+        self.wants: list[Any] = []
 
-    def add(self, ids: list[str], indices: list[int]) -> None:
+    def add(self, ids: list[str], indices: list[int], wants: Any) -> None:
+        """`wants`: each row's id's number of samples (int32 values)."""
         self.pairs.append(np.fromiter((hash((i, k)) for i, k in zip(ids, indices)), np.int64, len(ids)))
         self.ids.append(np.fromiter((hash(i) for i in ids), np.int64, len(ids)))
+        self.wants.append(np.asarray(wants, dtype=np.int32))
 
-    def suspects(self, samples: int) -> tuple[set[int], set[int]]:
-        """Hashes of pairs seen more than once, and of ids with other than `samples` distinct pairs."""
+    def suspects(self) -> tuple[set[int], set[int]]:
+        """Hashes of pairs seen more than once, and of ids with other than the samples they want."""
         pairs = np.concatenate(self.pairs) if self.pairs else np.zeros(0, np.int64)
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        wants = np.concatenate(self.wants) if self.wants else np.zeros(0, np.int32)
         values, first, counts = np.unique(pairs, return_index=True, return_counts=True)
-        id_values, per_id = np.unique(ids[first], return_counts=True)  # each distinct pair once
-        return set(values[counts > 1].tolist()), set(id_values[per_id != samples].tolist())
+        # each distinct pair once, then per id: how many, and what its first row wants
+        id_values, where, per_id = np.unique(ids[first], return_index=True, return_counts=True)
+        return set(values[counts > 1].tolist()), set(id_values[per_id != wants[first][where]].tolist())
 
 
 def _exact(
@@ -117,15 +131,27 @@ def _exact(
     """The pairs that really repeat and the ids that really lack samples, among the suspects' hashes."""
     pairs: Counter = Counter()
     per_id: dict[str, set[int]] = {}
+    want: dict[str, int] = {}
     for name in names:
         with out.fs.open_input_file(out.join(name)) as f:
-            table = pq.read_table(f, columns=["id", "sample_index"])
-        for i, k in zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()):
+            schema = pq.read_schema(f)
+            columns = [c for c in ("id", "sample_index", SAMPLES) if c in schema.names]
+            table = pq.read_table(f, columns=columns)
+        rows = zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist(), _wants(table, samples))
+        for i, k, n in rows:
             if hash((i, k)) in pair_hashes:
                 pairs[(i, k)] += 1
             if hash(i) in id_hashes:
                 per_id.setdefault(i, set()).add(k)
-    return [p for p, n in pairs.items() if n > 1], [i for i, ks in per_id.items() if len(ks) != samples]
+                want.setdefault(i, int(n))
+    return [p for p, n in pairs.items() if n > 1], [i for i, ks in per_id.items() if len(ks) != want[i]]
+
+
+def _wants(table: pa.Table, samples: int) -> Any:
+    """Samples each row's id wants: its num_return_sequences column where rows have their own, else the job's."""
+    if SAMPLES in table.column_names:
+        return table.column(SAMPLES).fill_null(samples).to_numpy(zero_copy_only=False)
+    return np.full(table.num_rows, samples, dtype=np.int32)
 
 
 def _read(out: output.OutputDir, name: str, verdict: Verdict) -> pa.Table | None:
