@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 
 from runner.generation.row_settings import RowDecodings
 from runner.generation.sampling import Decoding, warp_rows
@@ -53,7 +52,7 @@ def test_row_settings_become_decodings_and_the_jobs_own_when_equal():
     assert (short.max_new_tokens, short.stop_strings) == (4, ("\n",))
 
 
-def test_rows_with_their_own_settings_decode_together_as_each_alone_in_a_job_of_its_settings(tiny):
+def test_rows_with_their_own_settings_decode_together_as_each_alone_in_a_job_of_its_settings(tiny):  # noqa: F811
     """fp32, exact: greedy and sampled rows, other temperatures, top-k/top-p, seeds, lengths, stop
     strings and sample counts, all in one running set, each equal to a job whose settings are that row's."""
     model, tokenizer = tiny
