@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from runner.generation.row_settings import RowDecodings
 from runner.generation.sampling import Decoding, warp_rows
 from tests.unit.generation.test_engine import engine, rows_of, tiny  # noqa: F401 (tiny: the fixture)
