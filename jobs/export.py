@@ -6,8 +6,9 @@ Usage:
 
 `export.format=openai_batch`: the OpenAI Batch API's output JSONL, one line per input row, its `custom_id`
 the row's id and its `response.body` a `chat.completion` (export.shape=chat) or a `text_completion`
-(completion) with every sample in `choices`; `auto` (the default) picks chat when the run used a chat
-template. `export.path` is a local path or an object-store URI (s3://, gs://); the file is written
+(completion) with every sample in `choices`; `auto` (the default) answers a run of an OpenAI Batch file
+(dataset.format=openai_batch) line by line as each request's url asks, and any other run with chat when it
+used a chat template. `export.path` is a local path or an object-store URI (s3://, gs://); the file is written
 under a temporary name and renamed into place. The run must be complete (its `_manifest.json` written):
 exit status 2 otherwise, with what is missing.
 """
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> int:
                 f.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
                 lines += 1
     fs.move(scratch, path)
-    print(f"{lines} lines ({shape} responses) from {verdict.rows} rows of {out.display} -> {mask_text(target)}")
+    shown = "each as its request's url asks" if shape == "request" else f"{shape} responses"
+    print(f"{lines} lines ({shown}) from {verdict.rows} rows of {out.display} -> {mask_text(target)}")
     return 0
 
 

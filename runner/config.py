@@ -51,7 +51,8 @@ class DatasetConfig:
     # Per-row generation settings: a setting (one of ROW_SETTINGS) -> the input column holding each row's
     # value; a null value is the job's setting. E.g. {temperature: temp, max_new_tokens: budget}.
     settings_columns: dict[str, str] = field(default_factory=dict)
-    # `auto`: files by their extension; `openai_batch`: OpenAI Batch API input JSONL (custom_id, url, body).
+    # `auto`: files by their extension; `openai_batch`: OpenAI Batch API input JSONL (custom_id, url, body):
+    # ids, prompts and settings come from each line, and prompt_column, messages_column and id_column are unused.
     format: str = "auto"
 
 
@@ -189,7 +190,7 @@ def validate(job: JobConfig) -> JobConfig:
     problems: list[str] = []
     problems += _dataset_problems(job.dataset)
     problems += _model_problems(job.model)
-    problems += _generation_problems(job.generation)
+    problems += _generation_problems(job.generation, has_row_settings(job))
     problems += _batching_problems(job.batching, job.generation)
     problems += _cluster_problems(job.cluster)
     if job.output.on_row_error not in ON_ROW_ERROR:
@@ -238,7 +239,7 @@ def _dataset_problems(d: DatasetConfig) -> list[str]:
     if d.format == "openai_batch" and d.settings_columns:
         problems.append(
             "dataset.settings_columns with dataset.format=openai_batch: a Batch line's settings are its body's; "
-            "set dataset.settings_columns={} "
+            "leave dataset.settings_columns unset"
         )
     if d.limit is not None and d.limit <= 0:
         problems.append(f"dataset.limit={d.limit}: must be a positive number of rows, or null for all rows")
@@ -258,7 +259,8 @@ def _model_problems(m: ModelConfig) -> list[str]:
     return problems
 
 
-def _generation_problems(g: GenerationSettings) -> list[str]:
+def _generation_problems(g: GenerationSettings, row_settings: bool = False) -> list[str]:
+    """`row_settings`: rows may hold their own settings, num_return_sequences is then the most a row asks for."""
     problems = []
     if g.max_new_tokens <= 0:
         problems.append(f"generation.max_new_tokens={g.max_new_tokens}: must be a positive integer")
@@ -277,7 +279,7 @@ def _generation_problems(g: GenerationSettings) -> list[str]:
         problems.append(f"generation.repetition_penalty={g.repetition_penalty}: must be > 0 (1.0 = off)")
     if g.num_return_sequences < 1:
         problems.append(f"generation.num_return_sequences={g.num_return_sequences}: must be >= 1")
-    if g.num_return_sequences > 1 and not g.do_sample:
+    if g.num_return_sequences > 1 and not g.do_sample and not row_settings:
         problems.append(
             f"generation.num_return_sequences={g.num_return_sequences} with do_sample=false: greedy decoding "
             "returns the same text every time; set generation.do_sample=true"
@@ -338,6 +340,12 @@ def _cluster_problems(c: ClusterConfig) -> list[str]:
         if not getattr(c, key) > 0:
             problems.append(f"cluster.{key}={getattr(c, key)}: must be > 0 (seconds)")
     return problems
+
+
+def default_samples(g: GenerationSettings) -> int:
+    """Samples of a row that asks for none of its own: num_return_sequences, or 1 when greedy (with rows of
+    their own settings, num_return_sequences is then only the most a sampled row may ask for)."""
+    return g.num_return_sequences if g.do_sample else 1
 
 
 def has_row_settings(job: JobConfig) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from runner import cluster, plan, store
-from runner.config import JobConfig, planned_batch_rows
+from runner.config import JobConfig, default_samples, planned_batch_rows
 from runner.driver.seen_ids import SeenIds
 from runner.errors import SHOW, ConfigError, listing
 from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, read_chunks, resolve_source
@@ -143,7 +143,7 @@ class JobStream:
             return []
         lengths = np.concatenate([m.lengths for m in metas])
         keys = np.concatenate([m.row_hashes for m in metas])
-        n = self.job.generation.num_return_sequences
+        n = default_samples(self.job.generation)
         samples = np.concatenate([m.samples if m.samples is not None else np.full(m.rows, n, np.int32) for m in metas])
         where = np.concatenate([np.stack([np.full(m.rows, k), np.arange(m.rows)], 1) for k, m in enumerate(metas)])
         g, b = self.job.generation, self.job.batching

@@ -52,7 +52,8 @@ class RowDecodings:
     def _make(self, values: dict[str, Any]) -> Decoding:
         temperature = values.get("temperature")
         sampled = self.job.do_sample if temperature is None else temperature > 0
-        changes: dict[str, Any] = {FIELDS[k]: v for k, v in values.items() if k in FIELDS}
+        changes: dict[str, Any] = {"samples": self.job.samples}  # the job's own count, not the most a row may ask
+        changes.update({FIELDS[k]: v for k, v in values.items() if k in FIELDS})
         if sampled:
             changes.update({k: v for k, v in values.items() if k in SAMPLING})
         if "stop_strings" in values:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runner.config import JobConfig, has_row_settings
+from runner.config import JobConfig, default_samples, has_row_settings
 from runner.generation.sampling import SAMPLING_DEFAULTS, Decoding
 from runner.tasks import WorkerSetup
 
@@ -19,7 +19,7 @@ def build_generation_config(model_defaults: Any, job: JobConfig, tokenizer: Any)
     settings: dict[str, Any] = {
         "max_new_tokens": gen.max_new_tokens,
         "do_sample": gen.do_sample,
-        "num_return_sequences": gen.num_return_sequences,
+        "num_return_sequences": default_samples(gen),
         "max_length": None,
         "pad_token_id": tokenizer.pad_token_id,
     }
@@ -68,7 +68,7 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
     if has_row_settings(setup.job):
         stops = generation_config.stop_strings or []
         columns["stop_strings"] = [stops] if isinstance(stops, str) else list(stops)
-        columns["num_return_sequences"] = gen.num_return_sequences
+        columns["num_return_sequences"] = default_samples(gen)
     return columns
 
 

@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from runner.config import DatasetConfig, GenerationSettings, ModelConfig
 from runner.errors import ConfigError
+from runner.input import openai_batch
 from runner.input.models import load_tokenizer
 from runner.input.render import cut_user_text, render_and_tokenize, user_text
-from runner.input.rows import parse_chunk, prompts_from_table
+from runner.input.rows import Prompts, parse_chunk, prompts_from_table
 from runner.input.settings import SETTINGS, check_settings, from_columns, samples_per_row
 from runner.secrets import apply_submitted_env
 
@@ -112,35 +113,34 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     chunk's at once) and the table is None.
     """
     try:
-        table = parse_chunk(chunk)
-        prompts = prompts_from_table(table, spec.dataset, spec.reserved_columns, chunk.first_row)
-        settings = _row_settings(table, prompts.ids, spec)
-        texts, input_ids = render_and_tokenize(prompts, tokenizer, spec.model.chat_template)
+        if spec.dataset.format == "openai_batch":
+            read = _read_batch(chunk, spec, tokenizer)
+        else:
+            read = _read_rows(chunk, spec, tokenizer)
     except ConfigError as e:
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
+    ids, texts, input_ids, carry, settings, cut = read
     new_tokens = None
     if settings is not None:
         new_tokens = settings.field("max_new_tokens").fill_null(spec.max_new_tokens).to_pylist()
-    truncated, too_long = fit_context(
-        input_ids, texts, spec, lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit), new_tokens
-    )
+    truncated, too_long = fit_context(input_ids, texts, spec, cut, new_tokens)
     meta = ChunkMeta(
         rows=len(texts),
         lengths=np.fromiter((len(x) for x in input_ids), dtype=np.int32, count=len(input_ids)),
-        row_hashes=_row_hashes(prompts.ids, texts, chunk, prompts.carry),
-        id_hashes=_hashes(prompts.ids),
-        carry_schema=prompts.carry.schema,
+        row_hashes=_row_hashes(ids, texts, chunk, carry),
+        id_hashes=_hashes(ids),
+        carry_schema=carry.schema,
         file=chunk.file,
         first_row=chunk.first_row,
-        too_long=[(prompts.ids[i], n) for i, n in too_long],
+        too_long=[(ids[i], n) for i, n in too_long],
         truncated=sum(1 for t in truncated if t),
     )
-    meta.longest = heapq.nlargest(LONGEST, zip(meta.lengths.tolist(), prompts.ids))
+    meta.longest = heapq.nlargest(LONGEST, zip(meta.lengths.tolist(), ids))
     if settings is not None:
         meta.samples = samples_per_row(settings, len(texts), spec.generation)
     columns = {
-        "id": pa.array(prompts.ids, pa.string()),
+        "id": pa.array(ids, pa.string()),
         "prompt": pa.array(texts, pa.string()),
         TOKENS: pa.array(input_ids, pa.list_(pa.int32())),
         "truncated_tokens": pa.array(truncated, pa.int32()),
@@ -148,9 +148,63 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     rows = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(PREPARED_FIELDS))
     if settings is not None:
         rows = rows.append_column(SETTINGS, settings)
-    for name in prompts.carry.column_names:
-        rows = rows.append_column(name, prompts.carry.column(name))
+    for name in carry.column_names:
+        rows = rows.append_column(name, carry.column(name))
     return meta, rows
+
+
+Read = tuple[list[str], list[str], list[list[int]], pa.Table, Any, Callable[[int, int], Any]]
+
+
+def _read_rows(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> Read:
+    """A chunk of plain rows: (ids, texts, token ids, carried columns, own settings or None, the cut of a row)."""
+    table = parse_chunk(chunk)
+    prompts = prompts_from_table(table, spec.dataset, spec.reserved_columns, chunk.first_row)
+    settings = _row_settings(table, prompts.ids, spec)
+    texts, input_ids = render_and_tokenize(prompts, tokenizer, spec.model.chat_template)
+    return (
+        prompts.ids,
+        texts,
+        input_ids,
+        prompts.carry,
+        settings,
+        lambda i, limit: _cut(texts, prompts, tokenizer, spec, i, limit),
+    )
+
+
+def _read_batch(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> Read:
+    """A chunk of OpenAI Batch requests: chat requests through the chat template, completions as they are.
+
+    The carried `url` column says which each row was (what `jobs/export.py` answers it with).
+    """
+    batch = openai_batch.parse(chunk, spec.generation)
+    settings, problems = check_settings(batch.settings, batch.ids, spec.generation, batch.source)
+    if problems:
+        raise ConfigError(problems)
+    texts: list[str] = [""] * len(batch.ids)
+    input_ids: list[list[int]] = [[] for _ in batch.ids]
+    cuts: dict[int, Callable[[int], Any]] = {}
+    empty = pa.table({})
+    for chat in (True, False):
+        rows = [i for i, c in enumerate(batch.chat) if c == chat]
+        if not rows:
+            continue
+        ids = [batch.ids[i] for i in rows]
+        if chat:
+            group = Prompts(ids, None, [batch.messages[i] for i in rows], empty)
+            got = render_and_tokenize(group, tokenizer, spec.model.chat_template)
+        else:
+            group = Prompts(ids, [batch.prompts[i] for i in rows], None, empty)
+            got = render_and_tokenize(group, tokenizer, "none")
+        for j, (i, text, tokens) in enumerate(zip(rows, *got)):
+            texts[i], input_ids[i] = text, tokens
+            cuts[i] = lambda limit, j=j, i=i, group=group, chat=chat: cut_user_text(
+                tokenizer, texts[i], user_text(group, j), not chat, limit
+            )
+    carry = pa.table({"url": pa.array(batch.urls, pa.string())})
+    if "url" in spec.reserved_columns:
+        carry = carry.rename_columns(["input_url"])
+    return batch.ids, texts, input_ids, carry, settings, lambda i, limit: cuts[i](limit)
 
 
 def _row_settings(table: pa.Table, ids: list[str], spec: PrepareSpec) -> pa.Array | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from runner.config import GenerationSettings
+from runner.config import GenerationSettings, default_samples
 from runner.errors import SHOW, listing
 
 SETTINGS = "__settings"  # the prepared rows' column of their own settings (null fields: the job's)
@@ -123,7 +123,7 @@ def check_settings(
             kept[name] = [value] if name == "stop_strings" and isinstance(value, str) else value
         temperature = kept.get("temperature")
         sampled = gen.do_sample if temperature is None else temperature > 0
-        if not sampled and kept.get("num_return_sequences", gen.num_return_sequences) > 1:
+        if not sampled and kept.get("num_return_sequences", default_samples(gen)) > 1:
             greedy_many.append(repr(row_id))
         rows.append(kept)  # {}: every setting the job's
     problems = [
@@ -144,6 +144,6 @@ def samples_per_row(settings: pa.Array | None, rows: int, gen: GenerationSetting
     import numpy as np
 
     if settings is None:
-        return np.full(rows, gen.num_return_sequences, dtype=np.int32)
-    own = settings.field("num_return_sequences").fill_null(gen.num_return_sequences)
+        return np.full(rows, default_samples(gen), dtype=np.int32)
+    own = settings.field("num_return_sequences").fill_null(default_samples(gen))
     return own.to_numpy(zero_copy_only=False).astype(np.int32)

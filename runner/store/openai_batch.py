@@ -18,12 +18,17 @@ from typing import Any
 import pyarrow as pa
 
 BATCH_SHAPES = ("auto", "chat", "completion")
+COMPLETIONS_URL = "/v1/completions"
 COLUMNS = ["id", "sample_index", "completion", "prompt_tokens", "completion_tokens", "finish_reason", "error", "model"]
 
 
 def batch_shape(config: dict[str, Any]) -> str:
-    """`chat` where the run rendered its prompts with a chat template (or read chat messages), else `completion`."""
+    """`request` where the run read an OpenAI Batch file (each line answered as its own url asks: the carried
+    `url` column), else `chat` where it rendered its prompts with a chat template (or read chat messages),
+    else `completion`."""
     dataset, model = config.get("dataset", {}), config.get("model", {})
+    if dataset.get("format") == "openai_batch":
+        return "request"
     if dataset.get("messages_column") or model.get("chat_template", "auto") != "none":
         return "chat"
     return "completion"
@@ -31,13 +36,15 @@ def batch_shape(config: dict[str, Any]) -> str:
 
 def batch_lines(table: pa.Table, shape: str, run_id: str, created: int) -> Iterator[dict[str, Any]]:
     """The output lines of the rows in `table` (a data file: each row's samples together, in order)."""
-    rows = table.select(COLUMNS).to_pylist()
+    by_url = shape == "request" and "url" in table.column_names
+    rows = table.select(COLUMNS + (["url"] if by_url else [])).to_pylist()
     start = 0
     while start < len(rows):
         end = start + 1
         while end < len(rows) and rows[end]["id"] == rows[start]["id"]:
             end += 1
-        yield _line(rows[start:end], shape, run_id, created)
+        own = ("completion" if rows[start]["url"] == COMPLETIONS_URL else "chat") if by_url else shape
+        yield _line(rows[start:end], own, run_id, created)
         start = end
 
 
