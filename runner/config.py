@@ -22,7 +22,12 @@ from runner.errors import ConfigError
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 TOO_LONG = ("refuse", "truncate_left")
 # (section, key, default): keys added after runs were written, left out of the config hash while at their default
-ADDED_KEYS = (("generation", "logprobs", None), ("dataset", "settings_columns", {}), ("dataset", "format", "auto"))
+ADDED_KEYS = (
+    ("generation", "logprobs", None),
+    ("dataset", "settings_columns", {}),
+    ("dataset", "format", "auto"),
+    ("dataset", "adapter_column", None),
+)
 # Generation settings a row may hold its own value of (dataset.settings_columns, an OpenAI Batch body).
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_strings", "num_return_sequences")
 FORMATS = ("auto", "openai_batch")
@@ -51,6 +56,8 @@ class DatasetConfig:
     # Per-row generation settings: a setting (one of ROW_SETTINGS) -> the input column holding each row's
     # value; a null value is the job's setting. E.g. {temperature: temp, max_new_tokens: budget}.
     settings_columns: dict[str, str] = field(default_factory=dict)
+    # The column naming each row's adapter (one of model.adapters; null or "": the base model alone).
+    adapter_column: str | None = None
     # `auto`: files by their extension; `openai_batch`: OpenAI Batch API input JSONL (custom_id, url, body):
     # ids, prompts and settings come from each line, and prompt_column, messages_column and id_column are unused.
     format: str = "auto"
@@ -69,6 +76,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     # A PEFT LoRA adapter folder applied to the (quantized) base on every worker: QLoRA's result.
     adapter: str | None = None
+    # Several adapters in one job: a name -> its folder; each row names its own (dataset.adapter_column).
+    adapters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +199,12 @@ def validate(job: JobConfig) -> JobConfig:
     problems: list[str] = []
     problems += _dataset_problems(job.dataset)
     problems += _model_problems(job.model)
+    if bool(job.model.adapters) != bool(job.dataset.adapter_column):
+        problems.append(
+            "model.adapters and dataset.adapter_column go together: name the adapters "
+            "(+model.adapters.NAME=FOLDER) and the column that picks each row's "
+            "(dataset.adapter_column=COLUMN); for one adapter on every row, use model.adapter=FOLDER"
+        )
     problems += _generation_problems(job.generation, has_row_settings(job))
     problems += _batching_problems(job.batching, job.generation)
     problems += _cluster_problems(job.cluster)
@@ -254,6 +269,14 @@ def _model_problems(m: ModelConfig) -> list[str]:
         problems.append(f"model.quantization={m.quantization!r}: accepted values are {', '.join(QUANTIZATIONS)}")
     if m.dtype not in DTYPES:
         problems.append(f"model.dtype={m.dtype!r}: accepted values are {', '.join(DTYPES)}")
+    if m.adapter and m.adapters:
+        problems.append(
+            "model.adapter and model.adapters are both set: give one adapter for every row, or named adapters "
+            "that rows choose from (dataset.adapter_column)"
+        )
+    for name, folder in m.adapters.items():
+        if not str(name).strip() or not isinstance(folder, str) or not folder.strip():
+            problems.append(f"model.adapters.{name}={folder!r}: each adapter needs a name and a folder")
     if m.chat_template is None or not str(m.chat_template).strip():
         problems.append("model.chat_template is empty: use auto, none, or a Jinja chat template")
     return problems
@@ -374,7 +397,7 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     kept["dataset"] = {k: v for k, v in kept["dataset"].items() if k != "path"}
     # The model's revision as written (null, a branch, a commit) is not what it resolves to: the resolved
     # revision is recorded in every file and checked on its own (runner.store.resume).
-    kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("revision", "adapter")}
+    kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("revision", "adapter", "adapters")}
     # Sharing a prompt prefix changes how prompts are read, not what is written (up to float rounding, as
     # the shape of any batch does).
     kept["batching"] = {k: v for k, v in kept["batching"].items() if k != "share_prefix"}
@@ -385,18 +408,28 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     return kept
 
 
-def config_hash(job: JobConfig, adapter: str | None = None, model_defaults: dict[str, Any] | None = None) -> str:
+def config_hash(
+    job: JobConfig,
+    adapter: str | None = None,
+    model_defaults: dict[str, Any] | None = None,
+    adapters: dict[str, str] | None = None,
+) -> str:
     """Stable hash of the result-affecting config: a rerun with the same hash may resume.
 
-    `adapter`: what `model.adapter` holds (the hash of its weights), not where it lies or its folder's name.
+    `adapter`: what `model.adapter` holds (the hash of its weights), not where it lies or its folder's name;
+    `adapters`: likewise for each of `model.adapters`, by the name rows give it.
     `model_defaults`: the model's own generation settings that the engine applies and, before this was
     hashed, ignored (runner.input.applied_model_defaults): a run written then decoded without them.
     """
     if job.model.adapter and adapter is None:
         raise ValueError("config_hash of a job with model.adapter needs the adapter's hash (runner.input.read_adapter)")
     kept = result_affecting(job)
+    if job.model.adapters and adapters is None:
+        raise ValueError("config_hash of a job with model.adapters needs each adapter's hash")
     if adapter is not None:
         kept["model"]["adapter_id"] = adapter
+    if adapters:
+        kept["model"]["adapter_ids"] = dict(sorted(adapters.items()))
     if model_defaults:
         kept["model"]["applied_defaults"] = model_defaults
     blob = json.dumps(kept, sort_keys=True, default=str)

@@ -143,6 +143,7 @@ def plan_shards(
     first_shard_id: int = 0,
     first_batch_id: int = 0,
     salt: str = "",
+    groups: Sequence[int] | None = None,
 ) -> Plan:
     """The whole plan of a set of rows (a job's input, or one window of it): sort, cut batches, group shards.
 
@@ -154,23 +155,31 @@ def plan_shards(
             fingerprints cover them, so other rows give other fingerprints.
         first_shard_id, first_batch_id: numbering continues from earlier windows.
         salt: mixed into every fingerprint (the job's config hash).
+        groups: each row's group (its adapter): rows of one group are planned apart from the others, so no
+            batch or shard holds two groups. None: one group.
     """
     if len(keys) != len(lengths):
         raise ValueError(f"{len(keys)} keys but {len(lengths)} lengths")
     order = sort_by_length(lengths)
+    parts = [order] if groups is None else [[r for r in order if groups[r] == g] for g in sorted(set(groups))]
     rows_per_batch = min(max_batch_size, shard_size)
-    batches = cut_batches(lengths, order, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch)
-    batches = [Batch(first_batch_id + b.batch_id, b.rows, b.padded_length) for b in batches]
+    batches: list[Batch] = []
+    grouped: list[Shard] = []
+    for part in parts:
+        cut = cut_batches(lengths, part, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch)
+        cut = [Batch(first_batch_id + len(batches) + b.batch_id, b.rows, b.padded_length) for b in cut]
+        batches += cut
+        grouped += group_shards(cut, shard_size)
     settings = ":".join(map(str, (salt, max_new_tokens, num_return_sequences, max_batch_tokens, max_batch_size)))
     whole = hashlib.sha256(f"{settings}:{shard_size}".encode())
     shards = []
-    for shard in group_shards(batches, shard_size):
+    for number, shard in enumerate(grouped):
         first_batch = shard.batches[0].batch_id  # batch ids are columns of the file: a part of what it holds
-        digest = hashlib.sha256(f"{settings}|{first_shard_id + shard.shard_id}|{first_batch}".encode())
+        digest = hashlib.sha256(f"{settings}|{first_shard_id + number}|{first_batch}".encode())
         for batch in shard.batches:
             digest.update(b"|")
             digest.update(",".join(f"{keys[r]}={lengths[r]}" for r in batch.rows).encode())
-        shards.append(Shard(first_shard_id + shard.shard_id, shard.batches, digest.hexdigest()[:16]))
+        shards.append(Shard(first_shard_id + number, shard.batches, digest.hexdigest()[:16]))
         whole.update(shards[-1].fingerprint.encode())
     return Plan(tuple(shards), whole.hexdigest()[:16], max_new_tokens, num_return_sequences)
 

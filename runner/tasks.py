@@ -8,6 +8,7 @@ They belong to neither side: no Ray, no torch, nothing but data.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,12 @@ class WorkerSetup:
     file_metadata: dict[bytes, bytes]
     model_revision: str = ""  # resolved once by the driver: a Hub commit, or local:<hash of the folder>
     adapter: str | None = None  # model.adapter's name@hash of its weights, checked against the base by the driver
+    adapters: dict[str, str] | None = None  # model.adapters: each name -> its name@hash, likewise
+
+    @property
+    def adapter_key(self) -> str | None:
+        """What the adapters hold (not where they lie): retrained weights in the same folder get new workers."""
+        return self.adapter or (json.dumps(self.adapters, sort_keys=True) if self.adapters else None)
 
 
 @dataclass

@@ -53,7 +53,8 @@ class Session:
         # What preparing a row depends on: the input, the model (tokenizer, template) and the room left in the
         # context for generation (too-long prompts are refused or cut against it).
         # The chunks are cut to the sort window, so a sweep over it prepares again.
-        model = {k: v for k, v in asdict(job.model).items() if k != "adapter"}  # tokenizing does not depend on it
+        model = {k: v for k, v in asdict(job.model).items() if k not in ("adapter", "adapters")}  # nor on the weights
+        model["adapter_names"] = sorted(job.model.adapters)  # rows are checked against the names
         return _key(asdict(job.dataset), model, job.generation.max_new_tokens, job.batching.sort_window)
 
     def warm_workers(self, job: JobConfig, model_path: str, model_revision: str, adapter: str | None = None) -> None:
@@ -72,7 +73,7 @@ class Session:
         """A pool of workers holding this job's model: the previous job's when it is the same model."""
         self.connect(job.cluster)
         # the adapter by what it holds: retrained weights in the same folder get new workers
-        key = _key(asdict(job.model), setup.model_path, setup.model_revision, setup.adapter, asdict(job.cluster))
+        key = _key(asdict(job.model), setup.model_path, setup.model_revision, setup.adapter_key, asdict(job.cluster))
         if self.pool is not None and self._pool_key != key:
             self._close_pool()
         if self.pool is None:

@@ -75,7 +75,7 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         st = start(job)
         lease = store.acquire_lease(st.out, st.run_id, job.output.lease_timeout_s)  # before touching any file
         existing = _existing(st)
-        session.warm_workers(st.job, st.model_path, st.model_revision, st.adapter)
+        session.warm_workers(st.job, st.model_path, st.model_revision, st.adapter_key)
         stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job))
         bar = ProgressBar(0, enabled=progress)
         _generate(st, stream, bar, session, lease.check)
@@ -134,6 +134,7 @@ def _generate(st: JobStart, stream: JobStream, bar: ProgressBar, session: Sessio
         file_metadata=store.file_metadata(as_dict(st.job), st.config_hash, st.run_id, st.model_revision),
         model_revision=st.model_revision,
         adapter=st.adapter,
+        adapters=st.adapters,
     )
     known_shards = len(first) if stream.stats.prepared_s is not None else None  # the input ended in one window
     b = st.job.batching

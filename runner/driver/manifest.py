@@ -88,6 +88,7 @@ def _manifest(
         "config_hash": st.config_hash,
         "model_revision": st.model_revision,
         "adapter": st.adapter,
+        "adapters": st.adapters,
         "plan_fingerprint": plan_fingerprint(stream),
         "runner_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(),

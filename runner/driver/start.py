@@ -6,6 +6,7 @@ The run (`runner.driver.job`) and the dry run (`runner.driver.dryrun`) both begi
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +29,11 @@ class JobStart:
     run_id: str
     model_revision: str  # what every worker loads: a Hub commit, or local:<hash of the folder>
     adapter: str | None = None  # model.adapter's name@hash of its weights (what the `adapter` column says)
+    adapters: dict[str, str] | None = None  # model.adapters: each name -> its name@hash
+
+    @property
+    def adapter_key(self) -> str | None:
+        return self.adapter or (json.dumps(self.adapters, sort_keys=True) if self.adapters else None)
 
 
 def new_run_id() -> str:
@@ -80,14 +86,23 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         input_lib.check_fits(found, model_path)
         adapter = found.label
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapter=found.path))
+    adapters: dict[str, str] | None = None
+    if job.model.adapters:
+        found_all = {name: input_lib.read_adapter(folder) for name, folder in job.model.adapters.items()}
+        for found in found_all.values():
+            input_lib.check_fits(found, model_path)
+        adapters = {name: found.label for name, found in found_all.items()}
+        folders = {name: found.path for name, found in found_all.items()}
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapters=folders))
     reserved = store.reserved_columns(
-        job.generation.logprobs is not None, adapter is not None, has_row_settings(job)
-    ) | {input_lib.TOKENS, input_lib.SETTINGS}
+        job.generation.logprobs is not None, adapter is not None or adapters is not None, has_row_settings(job)
+    ) | {input_lib.TOKENS, input_lib.SETTINGS, input_lib.ADAPTER}
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)
     spec = input_lib.PrepareSpec(
         job.dataset, model_path, model, job.generation.max_new_tokens, context, reserved, job.generation
     )
     adapter_digest = adapter.rsplit("@", 1)[1] if adapter else None  # what it holds, not what its folder is called
-    job_hash = config_hash(job, adapter_digest, input_lib.applied_model_defaults(model_path, revision))
-    return JobStart(job, out, model_path, spec, job_hash, new_run_id(), revision, adapter)
+    digests = {name: label.rsplit("@", 1)[1] for name, label in adapters.items()} if adapters else None
+    job_hash = config_hash(job, adapter_digest, input_lib.applied_model_defaults(model_path, revision), digests)
+    return JobStart(job, out, model_path, spec, job_hash, new_run_id(), revision, adapter, adapters)

@@ -115,6 +115,32 @@ def apply_adapter(model: Any, folder: str) -> Any:
     return PeftModel.from_pretrained(model, folder, is_trainable=False).get_base_model()
 
 
+class Adapters:
+    """Several named LoRA adapters in one model's layers (peft's multi-adapter model); one is active at a time.
+
+    The engine keeps running the model itself (its layers hold every adapter's LoRA matrices); `use(name)`
+    makes `name`'s the ones applied, or none for the base model alone (None).
+    """
+
+    def __init__(self, model: Any, folders: dict[str, str]):
+        from peft import PeftModel
+
+        names = list(folders)
+        self.peft = PeftModel.from_pretrained(model, folders[names[0]], adapter_name=names[0], is_trainable=False)
+        for name in names[1:]:
+            self.peft.load_adapter(folders[name], adapter_name=name, is_trainable=False)
+        self.names = names
+
+    def use(self, name: str | None) -> Any:
+        """A context in which the model applies adapter `name` (None: no adapter)."""
+        import contextlib
+
+        if name is None:
+            return self.peft.disable_adapter()
+        self.peft.set_adapter(name)
+        return contextlib.nullcontext()
+
+
 def spread_device_map(path: str, model_cfg: ModelConfig, gpus: int) -> dict[str, int]:
     """The device map that spreads the model's decoder layers evenly over `gpus` GPUs (see `layer_device_map`)."""
     from accelerate import init_empty_weights

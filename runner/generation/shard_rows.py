@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.input import PREPARED_FIELDS, SETTINGS, TOKENS
+from runner.input import ADAPTER, PREPARED_FIELDS, SETTINGS, TOKENS
 from runner.tasks import BatchDone, ShardTask
 
 
@@ -102,8 +102,9 @@ def tallies(task: ShardTask, samples: dict[int, tuple[int, ...]]) -> dict[int, B
 def conform(rows: pa.Table, carry_schema: pa.Schema) -> pa.Table:
     """Prepared rows with the run's carried columns, cast to their types (null where a chunk lacks one)."""
     fixed = pa.schema(PREPARED_FIELDS)
-    if SETTINGS in rows.column_names:  # the rows' own settings (runner.input.settings)
-        fixed = fixed.append(rows.schema.field(SETTINGS))
+    for own in (SETTINGS, ADAPTER):  # the rows' own settings (runner.input.settings) and adapters
+        if own in rows.column_names:
+            fixed = fixed.append(rows.schema.field(own))
     columns = [rows.column(f.name) for f in fixed]
     for f in carry_schema:
         if f.name in rows.column_names:

@@ -10,6 +10,7 @@ the pool on the driver names the class without loading the model code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from runner.config import has_row_settings
 from runner.generation import shard_rows
 from runner.generation.row_settings import RowDecodings
 from runner.generation.settings import build_generation_config, row_columns, static_columns
-from runner.input import SETTINGS, TOKENS
+from runner.input import ADAPTER, SETTINGS, TOKENS
 from runner.secrets import apply_submitted_env
 from runner.tasks import BatchDone, ShardDone, ShardTask, ShardTotals, WorkerSetup
 
@@ -66,22 +67,21 @@ class ModelChangedError(RuntimeError):
     """The model a worker finds is not the revision the job resolved when it started."""
 
 
-def _check_adapter(setup: WorkerSetup) -> None:
+def _check_adapter(key: str, folder: str, expected: str) -> None:
     """The adapter folder this node sees holds what the driver hashed (the same path on every node)."""
     from runner import input as input_lib
     from runner.errors import ConfigError
 
-    folder = setup.job.model.adapter or ""
     try:
         found = input_lib.read_adapter(folder).label
     except ConfigError as e:
         raise ModelChangedError(
-            f"model.adapter={folder!r} is not readable on this node ({e.problems[0]}): put the adapter at the "
+            f"{key}={folder!r} is not readable on this node ({e.problems[0]}): put the adapter at the "
             "same path on every node of the cluster (a shared file system), as the driver sees it"
         ) from None
-    if found != setup.adapter:
+    if found != expected:
         raise ModelChangedError(
-            f"{folder}: the adapter changed since the job started (it was {setup.adapter}, it is {found} on this "
+            f"{folder}: the adapter changed since the job started (it was {expected}, it is {found} on this "
             "node): every worker must apply the same adapter; rerun once it is final"
         )
 
@@ -100,7 +100,9 @@ def pinned(path: str, setup: WorkerSetup) -> Any:
     from runner import input as input_lib
 
     if setup.adapter:
-        _check_adapter(setup)
+        _check_adapter("model.adapter", setup.job.model.adapter or "", setup.adapter)
+    for name, label in (setup.adapters or {}).items():
+        _check_adapter(f"model.adapters.{name}", setup.job.model.adapters[name], label)
     if not setup.model_revision:
         return setup.job.model
     if Path(path).is_dir():
@@ -184,6 +186,8 @@ class ShardGenerator:
         model_cfg = pinned(path, setup)
         self.tokenizer = input_lib.load_tokenizer(path, model_cfg)
         self.model = model_lib.load_model(path, model_cfg, first, gpus)
+        # model.adapters: every adapter in the model's layers, the one of each row's group applied as it runs
+        self.adapters = model_lib.Adapters(self.model, model_cfg.adapters) if model_cfg.adapters else None
         # What the running set may hold when the job sets no batching.max_batch_tokens; the engine
         # learns lower limits from out-of-memory errors (runner.generation.limits), across shards and sweep points.
         self.memory_budget, self.memory_budget_note = model_lib.memory_budget(self.model, first, gpus, self.threads)
@@ -199,11 +203,11 @@ class ShardGenerator:
 
         if self.setup is None:
             raise ValueError("configure() before load(): load the model first")
-        if (setup.job.model, setup.model_path, setup.model_revision, setup.adapter) != (
+        if (setup.job.model, setup.model_path, setup.model_revision, setup.adapter_key) != (
             self.setup.job.model,
             self.setup.model_path,
             self.setup.model_revision,
-            self.setup.adapter,
+            self.setup.adapter_key,
         ):
             raise ValueError("configure() cannot change the model; start a new worker for another model")
         self.setup = setup
@@ -235,6 +239,7 @@ class ShardGenerator:
             job.generation.logprobs is not None,
             setup.adapter is not None,
             has_row_settings(job),
+            bool(setup.adapters),
         )
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 
@@ -249,6 +254,8 @@ class ShardGenerator:
         A task with `redo` (output.retry_errors) generates only those sequences again and
         writes them over their error rows in the committed file; every other row stays as it was.
         """
+        from runner.generation.engine import Row
+
         faults.on_shard(task.shard_id, task.attempt)
         started_at = time.time()
         rows = gather(task, self.setup.carry_schema)
@@ -258,10 +265,14 @@ class ShardGenerator:
         samples = shard_rows.wanted(ids, per_row, task.redo)
         batch_of = shard_rows.tallies(task, samples)
         done: dict[tuple[int, int], Any] = {}
-        yield from self._generate(task, ids, rows.column(TOKENS).to_pylist(), samples, batch_of, done, decodings)
-        own: dict[Any, dict[str, Any]] = {}
-        for d in {d for d in decodings if d is not None and d is not self.row_decodings.job}:
-            own[d] = row_columns(self.static_columns, d)
+        input_ids = rows.column(TOKENS).to_pylist()
+        names = rows.column(ADAPTER).to_pylist() if ADAPTER in rows.column_names else [None] * rows.num_rows
+        engine_rows: dict[str | None, list[Any]] = {}  # by adapter: rows of one adapter decode together
+        for r, k in samples.items():
+            engine_rows.setdefault(names[r], []).append(Row(r, ids[r], input_ids[r], k, decodings[r]))
+        for name, group in engine_rows.items():
+            with self.adapters.use(name) if self.adapters else contextlib.nullcontext():
+                yield from self._generate(task, input_ids, group, batch_of, done)
         table = shard_rows.shard_table(
             task,
             rows,
@@ -271,7 +282,7 @@ class ShardGenerator:
             self.static_columns,
             self.schema,
             self.setup.carry_schema.names,
-            {r: own[d] for r, d in enumerate(decodings) if d in own},
+            self._own_columns(decodings, names),
         )
         totals = self._commit(task, table, ids)
         yield ShardDone(
@@ -286,6 +297,20 @@ class ShardGenerator:
             ignored_settings=self.ignored,
         )
 
+    def _own_columns(self, decodings: list[Any], adapters: list[str | None]) -> dict[int, dict[str, Any]]:
+        """The columns of rows with settings or an adapter of their own (by position), over the job's."""
+        settings: dict[Any, dict[str, Any]] = {}
+        for d in {d for d in decodings if d is not None and d is not self.row_decodings.job}:
+            settings[d] = row_columns(self.static_columns, d)
+        own: dict[int, dict[str, Any]] = {}
+        for r, d in enumerate(decodings):
+            if d in settings:
+                own[r] = settings[d]
+        if self.setup.adapters:
+            for r, name in enumerate(adapters):
+                own[r] = {**own.get(r, {}), "adapter": self.setup.adapters[name] if name else None}
+        return own
+
     def _row_decodings(self, rows: pa.Table) -> list[Any]:
         """Each row's own `Decoding` (None: it decodes with the job's), from its settings column."""
         if SETTINGS not in rows.column_names:
@@ -295,18 +320,13 @@ class ShardGenerator:
     def _generate(
         self,
         task: ShardTask,
-        ids: list[str],
         input_ids: list[list[int]],
-        samples: dict[int, tuple[int, ...]],
+        engine_rows: list[Any],
         batch_of: dict[int, shard_rows.BatchTally],
         done: dict[tuple[int, int], Any],
-        decodings: list[Any],
     ) -> Iterator[BatchDone]:
         """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
-        from runner.generation.engine import Row
-
         counted, last_event = self.engine.counts(), time.perf_counter()
-        engine_rows = [Row(r, ids[r], input_ids[r], k, decodings[r]) for r, k in samples.items()]
         for f in self.engine.generate(engine_rows):
             now = time.perf_counter()
             done[(f.key, f.sample_index)] = f

@@ -18,12 +18,13 @@ from runner.input.models import (
     resolve_model_path,
     resolve_revision,
 )
-from runner.input.prepare import PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
+from runner.input.prepare import ADAPTER, PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
 from runner.input.settings import SETTINGS
 from runner.input.sources import RawChunk, Source, read_chunks
 from runner.input.sources import resolve as resolve_source
 
 __all__ = [
+    "ADAPTER",
     "Adapter",
     "COMPLETE_MARKER",
     "PREPARED_FIELDS",

@@ -29,6 +29,7 @@ from runner.secrets import apply_submitted_env
 
 LONGEST = 5  # longest prompts each chunk reports (the dry run shows them)
 TOKENS = "__input_ids"  # the prepared rows' token ids; a carried input column of this name gets a prefix
+ADAPTER = "__adapter"  # with model.adapters: each row's adapter (its name; null: the base model)
 PREPARED_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
@@ -67,6 +68,7 @@ class ChunkMeta:
     truncated: int = 0  # rows cut from the left to fit (too_long=truncate_left)
     longest: list[tuple[int, str]] = field(default_factory=list)  # (tokens, id) of its longest prompts
     samples: np.ndarray | None = None  # int32 sequences per row, where rows have settings of their own
+    groups: np.ndarray | None = None  # int16 per row with model.adapters: its adapter (-1: none), planned apart
 
 
 class ChunkPreparer:
@@ -121,6 +123,10 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
         rows = f"rows {chunk.first_file_row}-{chunk.first_file_row + chunk.rows - 1}"
         return _failed(chunk, e.problems, f"bad input in {chunk.file} ({rows})"), None
     ids, texts, input_ids, carry, settings, cut = read
+    try:
+        adapters = _row_adapters(carry, ids, spec)
+    except ConfigError as e:
+        return _failed(chunk, e.problems, f"bad input in {chunk.file}"), None
     new_tokens = None
     if settings is not None:
         new_tokens = settings.field("max_new_tokens").fill_null(spec.max_new_tokens).to_pylist()
@@ -148,6 +154,10 @@ def prepare_chunk(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> tuple[ChunkM
     rows = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(PREPARED_FIELDS))
     if settings is not None:
         rows = rows.append_column(SETTINGS, settings)
+    if adapters is not None:
+        rows = rows.append_column(ADAPTER, adapters)
+        code = {name: i for i, name in enumerate(sorted(spec.model.adapters))}
+        meta.groups = np.array([code.get(v, -1) for v in adapters.to_pylist()], dtype=np.int16)
     for name in carry.column_names:
         rows = rows.append_column(name, carry.column(name))
     return meta, rows
@@ -205,6 +215,32 @@ def _read_batch(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> Read:
     if "url" in spec.reserved_columns:
         carry = carry.rename_columns(["input_url"])
     return batch.ids, texts, input_ids, carry, settings, lambda i, limit: cuts[i](limit)
+
+
+def _row_adapters(carry: pa.Table, ids: list[str], spec: PrepareSpec) -> pa.Array | None:
+    """Each row's adapter from dataset.adapter_column (one of model.adapters' names; null or "": the base model).
+
+    Raises:
+        ConfigError: the column is missing, or rows name an adapter the job does not have.
+    """
+    column = spec.dataset.adapter_column
+    if not column:
+        return None
+    names = set(spec.model.adapters)
+    found = [c for c in (column, f"input_{column}") if c in carry.column_names]
+    if not found:
+        raise ConfigError([f"dataset.adapter_column={column!r}: no such column; the columns are {carry.column_names}"])
+    values = [None if v in (None, "") else str(v) for v in carry.column(found[0]).to_pylist()]
+    unknown = [f"{i!r} ({v!r})" for i, v in zip(ids, values) if v is not None and v not in names]
+    if unknown:
+        raise ConfigError(
+            [
+                f"dataset.adapter_column={column!r}: {len(unknown)} rows name an adapter that model.adapters does "
+                f"not have ({', '.join(sorted(names))}), by id: {', '.join(unknown[:5])}; add it "
+                "(+model.adapters.NAME=FOLDER) or fix those rows (null or empty: the base model alone)"
+            ]
+        )
+    return pa.array(values, pa.string())
 
 
 def _row_settings(table: pa.Table, ids: list[str], spec: PrepareSpec) -> pa.Array | None:

@@ -81,6 +81,7 @@ LOGPROB_FIELDS = [
 ]
 BASE_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
 ADAPTER_FIELD = pa.field("adapter", pa.string(), nullable=False)  # only with model.adapter: name@hash of its weights
+ADAPTERS_FIELD = pa.field("adapter", pa.string())  # with model.adapters: each row's, null for the base model alone
 # Only in jobs whose rows have settings of their own (dataset.settings_columns, an OpenAI Batch file): with
 # the sampling columns above, what each row used.
 SETTINGS_FIELDS = [
@@ -89,12 +90,14 @@ SETTINGS_FIELDS = [
 ]
 
 
-def contract_fields(logprobs: bool = False, adapter: bool = False, settings: bool = False) -> list[pa.Field]:
+def contract_fields(
+    logprobs: bool = False, adapter: bool = False, settings: bool = False, many_adapters: bool = False
+) -> list[pa.Field]:
     """The runner's own columns of a data file, in order (the optional ones where the job has them)."""
     return (
         BASE_FIELDS
         + (SETTINGS_FIELDS if settings else [])
-        + ([ADAPTER_FIELD] if adapter else [])
+        + ([ADAPTERS_FIELD] if many_adapters else [ADAPTER_FIELD] if adapter else [])
         + (LOGPROB_FIELDS if logprobs else [])
     )
 
@@ -111,12 +114,14 @@ def output_schema(
     logprobs: bool = False,
     adapter: bool = False,
     settings: bool = False,
+    many_adapters: bool = False,
 ) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter, settings)]
+    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter or many_adapters, settings)]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
-    return pa.schema(contract_fields(logprobs, adapter, settings) + list(carry_schema), metadata=metadata)
+    fields = contract_fields(logprobs, adapter, settings, many_adapters)
+    return pa.schema(fields + list(carry_schema), metadata=metadata)
 
 
 def file_metadata(config: dict[str, Any], config_hash: str, run_id: str, model_revision: str) -> dict[bytes, bytes]:

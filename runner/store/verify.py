@@ -52,6 +52,7 @@ def verify_run(uri: str) -> Verdict:
         config.get("generation", {}).get("logprobs") is not None,
         bool(config.get("model", {}).get("adapter")),
         own_settings,
+        bool(config.get("model", {}).get("adapters")),
     )
     readable = []
     for name in sorted(set(listed) & present):

@@ -47,6 +47,17 @@ ELSEWHERE = [
         '"generation.logprobs=2"',
     ),
     (".venv/bin/python jobs/generate.py model.adapter=", "tests/integration/test_adapter_job.py", "model.adapter="),
+    (".venv/bin/python jobs/generate.py +model.adapters.", "tests/integration/test_adapter_job.py", "+model.adapters."),
+    (
+        ".venv/bin/python jobs/generate.py dataset.path=my_prompts.csv +dataset.settings_columns.",
+        "tests/integration/test_row_settings_job.py",
+        "+dataset.settings_columns.",
+    ),
+    (
+        ".venv/bin/python jobs/generate.py dataset.path=batch_input.jsonl dataset.format=openai_batch",
+        "tests/integration/test_openai_batch_job.py",
+        '"dataset.format=openai_batch"',
+    ),
     # the dry run (Ray and preparers, 11 s): run over a folder of files by the streaming tests
     (".venv/bin/python jobs/plan.py", "tests/integration/test_streaming.py", '"jobs/plan.py"'),
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),

@@ -132,3 +132,21 @@ def test_a_batch_never_holds_more_rows_than_a_shard():
     plan = plan_shards([str(i) for i in range(100)], [10] * 100, 16, 1, None, 128, 25)
     assert [len(b.rows) for s in plan.shards for b in s.batches] == [25, 25, 25, 25]
     assert len(plan.shards) == 4
+
+
+def test_rows_of_each_group_are_planned_apart_and_one_group_plans_as_none():
+    rng = random.Random(9)
+    lengths = [rng.randint(1, 300) for _ in range(120)]
+    groups = [rng.choice([-1, 0, 1]) for _ in lengths]
+    ids = [f"r{i}" for i in range(len(lengths))]
+    plan = plan_shards(ids, lengths, 16, 1, 4000, 8, 10, groups=groups)
+    rows = [r for s in plan.shards for b in s.batches for r in b.rows]
+    assert sorted(rows) == list(range(120))
+    for shard in plan.shards:  # no batch or shard holds two groups; each group longest first
+        assert len({groups[r] for b in shard.batches for r in b.rows}) == 1
+    assert [s.shard_id for s in plan.shards] == list(range(len(plan.shards)))
+    batch_ids = [b.batch_id for s in plan.shards for b in s.batches]
+    assert batch_ids == list(range(len(batch_ids)))
+    assert plan_shards(ids, lengths, 16, 1, 4000, 8, 10, groups=[0] * 120) == plan_shards(
+        ids, lengths, 16, 1, 4000, 8, 10
+    )
