@@ -79,6 +79,14 @@ def test_several_adapters_in_one_job_give_each_row_its_own_adapters_output(tmp_p
     for f in (tmp_path / "mixed").glob("*.parquet"):  # planned apart: a file (shard) holds one adapter's rows
         assert len(set(pq.read_table(f, columns=["adapter"]).column("adapter").to_pylist())) == 1, f.name
     manifest = json.loads((tmp_path / "mixed" / "_manifest.json").read_text())
+    files = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "mixed").glob("*.parquet")}
+    assert (
+        completions(
+            tmp_path / "mixed", f"+model.adapters.a={a}", f"+model.adapters.b={b}", "dataset.adapter_column=lora"
+        )
+        == mixed
+    )  # the same job resumes: nothing generated again
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "mixed").glob("*.parquet")} == files
     assert set(manifest["adapters"]) == {"a", "b"} and manifest["adapters"]["a"].startswith("lora-a@")
     unknown = subprocess.run(
         job_args(prompts, tmp_path / "unknown", f"+model.adapters.a={a}", "dataset.adapter_column=lora"),

@@ -134,3 +134,37 @@ def test_requests_the_runner_cannot_honour_are_refused_with_their_line_and_key(t
     assert "Traceback" not in message
     fewer = job(tmp_path, [REQUESTS[0], lines[5]])
     assert fewer.returncode == 2 and "'too-many' (5)" in fewer.stdout + fewer.stderr
+
+
+def test_a_sweep_over_a_batch_file_gives_each_point_its_run_and_rows_keep_their_own_seed(tmp_path):
+    path = tmp_path / "batch_input.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in REQUESTS))
+    args = [
+        sys.executable,
+        "jobs/generate.py",
+        "-m",
+        f"dataset.path={path}",
+        "dataset.format=openai_batch",
+        f"model.name_or_path={tiny_llama()}",
+        "model.quantization=none",
+        "generation.max_new_tokens=8",
+        "generation.num_return_sequences=3",
+        "generation.seed=1,2",
+        "cluster.num_workers=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = []
+    for point in ("0", "1"):
+        out = tmp_path / "sweep" / point
+        check = subprocess.run([sys.executable, "jobs/verify.py", f"output.dir={out}"], cwd=REPO, capture_output=True)
+        assert check.returncode == 0, check.stdout
+        rows = ds.dataset(out, format="parquet").to_table().to_pylist()
+        points.append({(r["id"], r["sample_index"]): (r["seed"], r["completion"]) for r in rows})
+    assert points[0].keys() == points[1].keys()
+    for key, (seed, text) in points[0].items():
+        if key[0] in ("chat-sampled", "text-n"):  # their own seed: the same samples at every point
+            assert points[1][key] == (seed, text) and seed in (42, 7)
+        else:
+            assert points[1][key][0] == 2 and seed == 1
