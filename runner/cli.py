@@ -130,13 +130,20 @@ def print_examples(output_dir: str, count: int = EXAMPLES) -> None:
 
     try:
         with out.fs.open_input_file(files[0].path) as f:
-            table = pq.read_table(f, columns=["id", "sample_index", "completion", "finish_reason", "error"])
+            schema = pq.read_schema(f)
+            scored = "prompt_logprob_sum" in schema.names  # a scoring job: its rows' sums, not completions
+            extra = ["prompt_logprob_sum", "prompt_tokens"] if scored else []
+            table = pq.read_table(f, columns=["id", "sample_index", "completion", "finish_reason", "error", *extra])
     except (OSError, pa.ArrowException) as e:  # the job is done and committed: showing examples is a courtesy
         log.warning("could not read back examples from %s: %s", out.display, mask_text(str(e)))
         return
     table = table.sort_by([("id", "ascending"), ("sample_index", "ascending")]).slice(0, count)
-    print(f"\na few completions (from {files[0].base_name}):")
+    print(f"\na few {'scores' if scored else 'completions'} (from {files[0].base_name}):")
     for row in table.to_pylist():
+        if scored and row["prompt_logprob_sum"] is not None:
+            n, total = max(row["prompt_tokens"] - 1, 1), row["prompt_logprob_sum"]
+            print(f"- [{row['id']}] sum of log p {total:.3f} over {n} tokens, mean {total / n:.3f}")
+            continue
         completion = (row["completion"] if row["completion"] is not None else row["error"] or "").strip()
         completion = completion.replace("\n", " ")
         print(f"- [{row['id']}] ({row['finish_reason']}) {completion[:300]}")

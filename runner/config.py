@@ -27,6 +27,7 @@ ADDED_KEYS = (
     ("dataset", "settings_columns", {}),
     ("dataset", "format", "auto"),
     ("dataset", "adapter_column", None),
+    ("generation", "prompt_logprobs", False),
 )
 # Generation settings a row may hold its own value of (dataset.settings_columns, an OpenAI Batch body).
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_strings", "num_return_sequences")
@@ -96,6 +97,8 @@ class GenerationSettings:
     # Log-probabilities of the generated tokens (the model's own distribution, before penalties and
     # warpers): null off; 0 the chosen token's; K also the K most likely tokens at each step.
     logprobs: int | None = None
+    # A scoring job (with max_new_tokens=0): each prompt's own tokens' log-probabilities, nothing generated.
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -285,7 +288,14 @@ def _model_problems(m: ModelConfig) -> list[str]:
 def _generation_problems(g: GenerationSettings, row_settings: bool = False) -> list[str]:
     """`row_settings`: rows may hold their own settings, num_return_sequences is then the most a row asks for."""
     problems = []
-    if g.max_new_tokens <= 0:
+    if g.prompt_logprobs:
+        problems += _scoring_problems(g, row_settings)
+    elif g.max_new_tokens == 0:
+        problems.append(
+            "generation.max_new_tokens=0: nothing would be generated; for a scoring job (each prompt's token "
+            "log-probabilities) add generation.prompt_logprobs=true, else give a positive number"
+        )
+    elif g.max_new_tokens < 0:
         problems.append(f"generation.max_new_tokens={g.max_new_tokens}: must be a positive integer")
     if g.temperature is not None and (not math.isfinite(g.temperature) or g.temperature < 0):
         problems.append(f"generation.temperature={g.temperature}: must be >= 0")
@@ -316,6 +326,28 @@ def _generation_problems(g: GenerationSettings, row_settings: bool = False) -> l
         problems.append(
             f"generation.logprobs={g.logprobs}: must be between 0 (the chosen token's only) and {MAX_LOGPROBS} "
             "(the most likely tokens per step), or null for none"
+        )
+    return problems
+
+
+def _scoring_problems(g: GenerationSettings, row_settings: bool) -> list[str]:
+    """What a scoring job (generation.prompt_logprobs=true) cannot have: it reads prompts, generates nothing."""
+    problems = []
+    if g.max_new_tokens != 0:
+        problems.append(
+            f"generation.prompt_logprobs=true with generation.max_new_tokens={g.max_new_tokens}: a scoring job "
+            "generates nothing; set generation.max_new_tokens=0 (prompt log-probabilities of generating jobs "
+            "are not offered)"
+        )
+    if g.num_return_sequences != 1 or g.logprobs is not None:
+        problems.append(
+            "generation.prompt_logprobs=true with generation.num_return_sequences or generation.logprobs: a "
+            "scoring job has no samples or generated tokens; leave them unset"
+        )
+    if row_settings:
+        problems.append(
+            "generation.prompt_logprobs=true with per-row settings (dataset.settings_columns or "
+            "dataset.format=openai_batch): a scoring job generates nothing, so rows have no settings to give"
         )
     return problems
 

@@ -31,6 +31,7 @@ class RunSummary:
     errors: int  # rows in the output with finish_reason=error
     totals: RunTotals
     plan_padding_efficiency: float
+    scoring: bool = False  # a scoring job (generation.prompt_logprobs): prompts read, nothing generated
 
     def describe(self) -> str:
         t = self.totals
@@ -42,7 +43,12 @@ class RunSummary:
             f"errors:      {self.errors} rows with finish_reason=error"
             + (" (rerun with output.retry_errors=true to generate them again)" if self.errors else "")
             + (f"; {self.rows_redone} error rows of an earlier run generated again" if self.rows_redone else ""),
-            f"throughput:  {t.tokens_per_s:.1f} generated tokens/s over {t.elapsed_s:.1f}s",
+            (
+                f"throughput:  {t.prompt_tokens / max(t.elapsed_s, 1e-9):.1f} prompt tokens scored/s over "
+                f"{t.elapsed_s:.1f}s"
+                if self.scoring
+                else f"throughput:  {t.tokens_per_s:.1f} generated tokens/s over {t.elapsed_s:.1f}s"
+            ),
             f"padding:     prompt-side efficiency {t.prompt_padding_efficiency:.3f} "
             f"(plan {self.plan_padding_efficiency:.3f}), generation-side {t.generation_efficiency:.3f}",
             *(
@@ -101,6 +107,7 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         errors=manifest["totals"]["errors"],
         totals=totals,
         plan_padding_efficiency=stream.stats.padding_efficiency,
+        scoring=job.generation.prompt_logprobs,
     )
 
 

@@ -95,7 +95,10 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         folders = {name: found.path for name, found in found_all.items()}
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, adapters=folders))
     reserved = store.reserved_columns(
-        job.generation.logprobs is not None, adapter is not None or adapters is not None, has_row_settings(job)
+        job.generation.logprobs is not None,
+        adapter is not None or adapters is not None,
+        has_row_settings(job),
+        job.generation.prompt_logprobs,
     ) | {input_lib.TOKENS, input_lib.SETTINGS, input_lib.ADAPTER}
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)

@@ -33,6 +33,7 @@ class SequenceResult:
     tokens: list[int] | None = None  # the generated token ids up to where the sequence ended
     logprobs: list[float] | None = None  # with Decoding.logprobs: one per generated token
     top_logprobs: list[list[tuple[int, str, float]]] | None = None  # with logprobs > 0: (id, text, log p) per step
+    prompt_logprobs: list[float] | None = None  # a scoring job's: log p of each prompt token after the first
 
 
 @dataclass

@@ -17,7 +17,7 @@ def build_generation_config(model_defaults: Any, job: JobConfig, tokenizer: Any)
     gen = job.generation
     config = copy.deepcopy(model_defaults)
     settings: dict[str, Any] = {
-        "max_new_tokens": gen.max_new_tokens,
+        "max_new_tokens": gen.max_new_tokens or 1,  # a scoring job's 0 is no GenerationConfig's (nothing decodes)
         "do_sample": gen.do_sample,
         "num_return_sequences": default_samples(gen),
         "max_length": None,
@@ -44,9 +44,10 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
         k: (getattr(generation_config, k) if getattr(generation_config, k) is not None else default)
         for k, default in SAMPLING_DEFAULTS.items()
     }
-    config_json = json.dumps(
-        {k: v for k, v in generation_config.to_dict().items() if v is not None}, sort_keys=True, default=str
-    )
+    config = {k: v for k, v in generation_config.to_dict().items() if v is not None}
+    if gen.prompt_logprobs:  # a scoring job: what it was asked
+        config.update(max_new_tokens=0, prompt_logprobs=True)
+    config_json = json.dumps(config, sort_keys=True, default=str)
     columns = {
         "model": setup.job.model.name_or_path,
         "quantization": setup.job.model.quantization,

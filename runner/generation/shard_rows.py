@@ -174,6 +174,7 @@ def shard_table(
                 **static,
                 **own.get(row, {}),
                 **logprob_values(f.result),
+                **prompt_logprob_values(f.result),
             }
             for name, column in columns.items():
                 column.append(values[name])
@@ -195,6 +196,14 @@ def logprob_values(result: Any) -> dict[str, Any]:
         "top_logprobs": top,
         "cumulative_logprob": float(np.sum(np.asarray(result.logprobs, dtype=np.float64))),
     }
+
+
+def prompt_logprob_values(result: Any) -> dict[str, Any]:
+    """A scoring job's columns of a row (null where it has none: an error row, or not a scoring job)."""
+    if result.prompt_logprobs is None:
+        return {"prompt_logprobs": None, "prompt_logprob_sum": None}
+    values = result.prompt_logprobs
+    return {"prompt_logprobs": values, "prompt_logprob_sum": float(np.sum(np.asarray(values, dtype=np.float64)))}
 
 
 def over_committed(

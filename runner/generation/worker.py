@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from runner import faults, store
 from runner.config import has_row_settings
-from runner.generation import shard_rows
+from runner.generation import scoring, shard_rows
 from runner.generation.row_settings import RowDecodings
 from runner.generation.settings import build_generation_config, row_columns, static_columns
 from runner.input import ADAPTER, SETTINGS, TOKENS
@@ -240,6 +240,7 @@ class ShardGenerator:
             setup.adapter is not None,
             has_row_settings(job),
             bool(setup.adapters),
+            job.generation.prompt_logprobs,
         )
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 
@@ -272,7 +273,12 @@ class ShardGenerator:
             engine_rows.setdefault(names[r], []).append(Row(r, ids[r], input_ids[r], k, decodings[r]))
         for name, group in engine_rows.items():
             with self.adapters.use(name) if self.adapters else contextlib.nullcontext():
-                yield from self._generate(task, input_ids, group, batch_of, done)
+                if self.setup.job.generation.prompt_logprobs:  # a scoring job: prompts read, nothing generated
+                    pad, on_error = self.tokenizer.pad_token_id, self.setup.job.output.on_row_error
+                    finished = scoring.score(self.model, group, pad, on_error)
+                else:
+                    finished = self.engine.generate(group)
+                yield from self._generate(task, input_ids, finished, batch_of, done)
         table = shard_rows.shard_table(
             task,
             rows,
@@ -321,13 +327,14 @@ class ShardGenerator:
         self,
         task: ShardTask,
         input_ids: list[list[int]],
-        engine_rows: list[Any],
+        finished: Iterator[Any],
         batch_of: dict[int, shard_rows.BatchTally],
         done: dict[tuple[int, int], Any],
     ) -> Iterator[BatchDone]:
-        """Run the rows through the engine, filling `done`; a `BatchDone` as each planned batch completes."""
+        """Take the rows' `Finished` sequences as they end (from the engine, or scoring), filling `done`;
+        a `BatchDone` as each planned batch completes."""
         counted, last_event = self.engine.counts(), time.perf_counter()
-        for f in self.engine.generate(engine_rows):
+        for f in finished:
             now = time.perf_counter()
             done[(f.key, f.sample_index)] = f
             tally = batch_of[f.key]

@@ -79,6 +79,11 @@ LOGPROB_FIELDS = [
     pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
     pa.field("cumulative_logprob", pa.float64()),
 ]
+# Only in scoring jobs (generation.prompt_logprobs): log p of each prompt token after the first, and their sum.
+PROMPT_LOGPROB_FIELDS = [
+    pa.field("prompt_logprobs", pa.list_(pa.float32())),
+    pa.field("prompt_logprob_sum", pa.float64()),
+]
 BASE_COLUMNS = frozenset(f.name for f in BASE_FIELDS)
 ADAPTER_FIELD = pa.field("adapter", pa.string(), nullable=False)  # only with model.adapter: name@hash of its weights
 ADAPTERS_FIELD = pa.field("adapter", pa.string())  # with model.adapters: each row's, null for the base model alone
@@ -91,7 +96,11 @@ SETTINGS_FIELDS = [
 
 
 def contract_fields(
-    logprobs: bool = False, adapter: bool = False, settings: bool = False, many_adapters: bool = False
+    logprobs: bool = False,
+    adapter: bool = False,
+    settings: bool = False,
+    many_adapters: bool = False,
+    scoring: bool = False,
 ) -> list[pa.Field]:
     """The runner's own columns of a data file, in order (the optional ones where the job has them)."""
     return (
@@ -99,13 +108,16 @@ def contract_fields(
         + (SETTINGS_FIELDS if settings else [])
         + ([ADAPTERS_FIELD] if many_adapters else [ADAPTER_FIELD] if adapter else [])
         + (LOGPROB_FIELDS if logprobs else [])
+        + (PROMPT_LOGPROB_FIELDS if scoring else [])
     )
 
 
-def reserved_columns(logprobs: bool = False, adapter: bool = False, settings: bool = False) -> frozenset[str]:
+def reserved_columns(
+    logprobs: bool = False, adapter: bool = False, settings: bool = False, scoring: bool = False
+) -> frozenset[str]:
     """Names no carried input column may keep (it is carried as input_NAME): the job's own columns only,
     so an input column named like an optional one stays as it is in jobs without that option."""
-    return frozenset(f.name for f in contract_fields(logprobs, adapter, settings))
+    return frozenset(f.name for f in contract_fields(logprobs, adapter, settings, scoring=scoring))
 
 
 def output_schema(
@@ -115,12 +127,14 @@ def output_schema(
     adapter: bool = False,
     settings: bool = False,
     many_adapters: bool = False,
+    scoring: bool = False,
 ) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    clash = [n for n in carry_schema.names if n in reserved_columns(logprobs, adapter or many_adapters, settings)]
+    reserved = reserved_columns(logprobs, adapter or many_adapters, settings, scoring)
+    clash = [n for n in carry_schema.names if n in reserved]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
-    fields = contract_fields(logprobs, adapter, settings, many_adapters)
+    fields = contract_fields(logprobs, adapter, settings, many_adapters, scoring)
     return pa.schema(fields + list(carry_schema), metadata=metadata)
 
 

@@ -53,6 +53,7 @@ def verify_run(uri: str) -> Verdict:
         bool(config.get("model", {}).get("adapter")),
         own_settings,
         bool(config.get("model", {}).get("adapters")),
+        bool(config.get("generation", {}).get("prompt_logprobs")),
     )
     readable = []
     for name in sorted(set(listed) & present):

@@ -47,6 +47,11 @@ ELSEWHERE = [
         '"generation.logprobs=2"',
     ),
     (".venv/bin/python jobs/generate.py model.adapter=", "tests/integration/test_adapter_job.py", "model.adapter="),
+    (
+        ".venv/bin/python jobs/generate.py dataset.path=my_prompts.jsonl generation.max_new_tokens=0",
+        "tests/integration/test_scoring_job.py",
+        '"generation.prompt_logprobs=true"',
+    ),
     (".venv/bin/python jobs/generate.py +model.adapters.", "tests/integration/test_adapter_job.py", "+model.adapters."),
     (
         ".venv/bin/python jobs/generate.py dataset.path=my_prompts.csv +dataset.settings_columns.",
