@@ -254,6 +254,11 @@ def _dataset_problems(d: DatasetConfig) -> list[str]:
             )
     if d.format not in FORMATS:
         problems.append(f"dataset.format={d.format!r}: accepted values are {', '.join(FORMATS)}")
+    if d.format == "openai_batch" and d.adapter_column:
+        problems.append(
+            f"dataset.adapter_column={d.adapter_column!r} with dataset.format=openai_batch: a Batch line has no "
+            "columns of its own; run each adapter's requests as a job with model.adapter=FOLDER"
+        )
     if d.format == "openai_batch" and d.settings_columns:
         problems.append(
             "dataset.settings_columns with dataset.format=openai_batch: a Batch line's settings are its body's; "

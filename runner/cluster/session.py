@@ -55,7 +55,9 @@ class Session:
         # The chunks are cut to the sort window, so a sweep over it prepares again.
         model = {k: v for k, v in asdict(job.model).items() if k not in ("adapter", "adapters")}  # nor on the weights
         model["adapter_names"] = sorted(job.model.adapters)  # rows are checked against the names
-        return _key(asdict(job.dataset), model, job.generation.max_new_tokens, job.batching.sort_window)
+        g = job.generation  # and what rows' own settings are held to, and which columns are the runner's
+        held = (g.max_new_tokens, g.num_return_sequences, g.do_sample, g.logprobs, g.prompt_logprobs)
+        return _key(asdict(job.dataset), model, held, job.batching.sort_window)
 
     def warm_workers(self, job: JobConfig, model_path: str, model_revision: str, adapter: str | None = None) -> None:
         """Start one of this job's workers now, while its first window is prepared: it imports the model code

@@ -131,6 +131,10 @@ class Engine:
             return row.samples
         return tuple(range((row.decoding or self.decoding).samples))
 
+    def forget_prefix(self) -> None:
+        """Drop the kept shared prefix: its cache was computed by weights that are about to change (an adapter)."""
+        self._prefix = None
+
     def counts(self) -> tuple[int, int, int]:
         """Its counters so far: out-of-memory errors, prompt positions computed, empty rows' decode steps."""
         return self.oom_events, self.prompt_positions, self.empty_row_steps

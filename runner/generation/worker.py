@@ -272,6 +272,8 @@ class ShardGenerator:
         for r, k in samples.items():
             engine_rows.setdefault(names[r], []).append(Row(r, ids[r], input_ids[r], k, decodings[r]))
         for name, group in engine_rows.items():
+            if self.adapters:  # a prefix kept from another adapter's rows holds that adapter's keys and values
+                self.engine.forget_prefix()
             with self.adapters.use(name) if self.adapters else contextlib.nullcontext():
                 if self.setup.job.generation.prompt_logprobs:  # a scoring job: prompts read, nothing generated
                     pad, on_error = self.tokenizer.pad_token_id, self.setup.job.output.on_row_error

@@ -118,7 +118,7 @@ def _request(request: Any, gen: GenerationSettings, rows: BatchRows, number: int
                 problems.append(f"body.{key}={value!r}: another key of the body sets {name} to {settings[name]!r}")
             settings[name] = value if value is not None else settings.get(name)
             continue
-        problem = _without_effect(key, value, body, gen)
+        problem = _without_effect(key, value, body, gen, chat)
         if problem:
             problems.append(problem)
     if problems:
@@ -135,14 +135,26 @@ def _request(request: Any, gen: GenerationSettings, rows: BatchRows, number: int
     return []
 
 
-def _without_effect(key: str, value: Any, body: dict[str, Any], gen: GenerationSettings) -> str | None:
-    """None where a body key may stay (it changes nothing the runner writes), else why it may not."""
+def _without_effect(key: str, value: Any, body: dict[str, Any], gen: GenerationSettings, chat: bool) -> str | None:
+    """None where a body key may stay (it changes nothing the runner writes), else why it may not.
+
+    Log-probabilities: a chat body asks with `logprobs: true` and `top_logprobs: K`, a completions body
+    with `logprobs: K` (an integer, 0: the chosen token's only)."""
     if key in WITHOUT_EFFECT or (key == "stream" and value in (False, None)):
         return None
     if key in ("frequency_penalty", "presence_penalty") and value in (0, None):
         return None
     if key == "response_format" and value in (None, {"type": "text"}):
         return None
+    if not chat and key == "logprobs":
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value == gen.logprobs:
+            return None
+        return (
+            f"body.logprobs={value!r}: every row of a job gets the same logprobs; run this file with "
+            f"generation.logprobs={value} (this job's is {gen.logprobs})"
+        )
     if key in ("logprobs", "top_logprobs"):
         if not body.get("logprobs"):  # nothing asked
             if key == "logprobs" or value in (None, 0):

@@ -114,7 +114,7 @@ def check_settings(
     for row_id, row in zip(ids, values):
         kept: dict[str, Any] = {}
         for name, value in row.items():
-            if value is None:
+            if value is None or (name == "stop_strings" and value == []):  # none given: the job's
                 continue
             good, _ = checks[name]
             if not good(value):

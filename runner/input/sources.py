@@ -4,8 +4,9 @@
 dataset name); `read_chunks` streams them as `RawChunk`s of at most `chunk_rows` rows,
 files in name order, never holding more than one read block: JSONL as raw lines (parsed
 where the chunk is prepared, in parallel, not on the driver), Parquet and CSV as Arrow
-record batches (CSV cells as the text they hold, never a guessed type), JSON arrays and
-Hub datasets as slices of a table read whole. No Ray, no torch.
+record batches (CSV cells as the text they hold, never a guessed type), `datasets`' `save_to_disk`
+folders as their Arrow files' record batches, Hub datasets (and clones of their repositories) streamed
+by `datasets`, JSON arrays as slices of a table read whole. No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -82,7 +83,12 @@ def resolve(cfg: DatasetConfig) -> Source:
         return Source(pafs.LocalFileSystem(), _typed(path, [(os.path.abspath(m), m) for m in matches]))
     p = Path(local)
     if p.is_dir():
+        saved = _saved_dataset(p, cfg.split, path)
+        if saved is not None:
+            return Source(pafs.LocalFileSystem(), saved)
         found = sorted(str(c) for c in p.iterdir() if c.is_file() and _is_data_name(c.name))
+        if not found and ((p / "README.md").is_file() or (p / "data").is_dir()):
+            return Source(None, [], hub_name=str(p))  # a Hub dataset's repository, cloned: read as the Hub's are
         return Source(pafs.LocalFileSystem(), _typed(path, [(os.path.abspath(f), f) for f in found], folder=True))
     if p.exists() or p.suffix.lower() in FORMATS:
         if not p.exists():
@@ -152,6 +158,37 @@ def _glob_regex(pattern: str) -> re.Pattern:
             out.append(re.escape(pattern[i]))
             i += 1
     return re.compile("".join(out))
+
+
+def _saved_dataset(folder: Path, split: str, path: str) -> list[InputFile] | None:
+    """The Arrow files of a `datasets` `save_to_disk` folder, in order (a DatasetDict's: `split`'s); None if
+    `folder` is not one.
+
+    Raises:
+        ConfigError: a DatasetDict without that split, or a folder `datasets` did not finish writing.
+    """
+    import json
+
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise ConfigError(
+                [f"dataset.split={split!r}: the saved dataset {path!r} has the splits {', '.join(splits)}; pick one"]
+            )
+        folder = folder / split
+    state = folder / "state.json"
+    if not state.is_file() or not (folder / "dataset_info.json").is_file():
+        return None
+    try:
+        files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError([f"dataset.path={path!r}: {state} is not a datasets state file ({e})"]) from None
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing or not files:
+        raise ConfigError(
+            [f"dataset.path={path!r}: the saved dataset lacks {missing or 'its Arrow files'}; save it again"]
+        )
+    return [InputFile(str((folder / f).resolve()), str(folder / f), "arrow") for f in files]
 
 
 def _is_data_name(name: str) -> bool:
@@ -226,6 +263,9 @@ def _file_chunks(source: Source, chunk_rows: int) -> Iterator[RawChunk]:
 
                 with source.fs.open_input_file(f.path) as handle:
                     yield from _table_chunks(f, pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows))
+            elif f.fmt == "arrow":  # a save_to_disk folder's files: Arrow IPC streams, read batch by batch
+                with source.fs.open_input_file(f.path) as handle:
+                    yield from _table_chunks(f, pa.ipc.open_stream(handle), chunk_rows)
             elif f.fmt == "csv":
                 yield from _table_chunks(f, _csv_as_text(source.fs, f), chunk_rows)
             else:
@@ -320,8 +360,11 @@ def _hub_chunks(source: Source, cfg: DatasetConfig, chunk_rows: int) -> Iterator
     import datasets
 
     datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(source.hub_name, name=cfg.name, split=cfg.split)
+    f = InputFile(source.hub_name, source.hub_name, "hub")
+    try:  # streaming: rows arrive as they are read, the dataset is never held whole (nor downloaded first)
+        ds = datasets.load_dataset(source.hub_name, name=cfg.name, split=cfg.split, streaming=True)
+        tables = ds.with_format("arrow").iter(batch_size=chunk_rows)
+        first = next(tables, None)
     except Exception as e:  # datasets raises many types; the user needs one clear line
         raise ConfigError(
             [
@@ -331,6 +374,16 @@ def _hub_chunks(source: Source, cfg: DatasetConfig, chunk_rows: int) -> Iterator
                 "Hub is reachable"
             ]
         ) from e
-    table = ds.with_format("arrow")[:]
-    f = InputFile(source.hub_name, source.hub_name, "hub")
-    yield from _table_chunks(f, [table], chunk_rows)
+    if first is None:
+        return
+
+    def stream() -> Iterator[pa.Table]:
+        yield first
+        try:
+            yield from tables
+        except Exception as e:  # a stream broken after its first rows: named; the run resumes from its shards
+            raise ConfigError(
+                [f"{redact(cfg.path)}: reading the Hub dataset failed ({type(e).__name__}: {first_line(e)})"]
+            ) from e
+
+    yield from _table_chunks(f, stream(), chunk_rows)

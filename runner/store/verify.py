@@ -68,7 +68,7 @@ def verify_run(uri: str) -> Verdict:
         if "id" in table.column_names and "sample_index" in table.column_names:
             readable.append(name)
             ids, indices = table.column("id").to_pylist(), table.column("sample_index").to_pylist()
-            wants = _wants(table, samples)
+            wants = _wants(table, samples, own_settings)
             keys.add(ids, indices, wants)
             bad = sorted({k for k, n in zip(indices, wants) if not 0 <= k < n})
             verdict.problems += [f"{name}: sample_index values {bad[:5]} outside 0..{samples - 1}"] if bad else []
@@ -80,7 +80,7 @@ def verify_run(uri: str) -> Verdict:
         del table
     repeated, short = keys.suspects()
     if repeated or short:  # hashes can collide: the suspects are counted exactly, in a second pass
-        repeated, short = _exact(out, readable, repeated, short, samples)
+        repeated, short = _exact(out, readable, repeated, short, samples, own_settings)
     if repeated:
         verdict.problems.append(f"{len(repeated)} (id, sample_index) pairs appear more than once, e.g. {repeated[:3]}")
     if short:
@@ -128,7 +128,12 @@ class _Keys:
 
 
 def _exact(
-    out: output.OutputDir, names: list[str], pair_hashes: set[int], id_hashes: set[int], samples: int
+    out: output.OutputDir,
+    names: list[str],
+    pair_hashes: set[int],
+    id_hashes: set[int],
+    samples: int,
+    own_settings: bool = False,
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """The pairs that really repeat and the ids that really lack samples, among the suspects' hashes."""
     pairs: Counter = Counter()
@@ -137,7 +142,9 @@ def _exact(
     for name in names:
         with out.fs.open_input_file(out.join(name)) as f:
             schema = pq.read_schema(f)
-            columns = [c for c in ("id", "sample_index", SAMPLES) if c in schema.names]
+            columns = [
+                c for c in ("id", "sample_index", SAMPLES) if c in schema.names and (own_settings or c != SAMPLES)
+            ]
             table = pq.read_table(f, columns=columns)
         rows = zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist(), _wants(table, samples))
         for i, k, n in rows:
@@ -149,9 +156,10 @@ def _exact(
     return [p for p, n in pairs.items() if n > 1], [i for i, ks in per_id.items() if len(ks) != want[i]]
 
 
-def _wants(table: pa.Table, samples: int) -> Any:
-    """Samples each row's id wants: its num_return_sequences column where rows have their own, else the job's."""
-    if SAMPLES in table.column_names:
+def _wants(table: pa.Table, samples: int, own_settings: bool) -> Any:
+    """Samples each row's id wants: its num_return_sequences column where rows have their own, else the job's
+    (elsewhere a column of that name is a carried input column)."""
+    if own_settings and SAMPLES in table.column_names:
         return table.column(SAMPLES).fill_null(samples).to_numpy(zero_copy_only=False)
     return np.full(table.num_rows, samples, dtype=np.int32)
 

@@ -42,50 +42,60 @@ def test_an_adapter_of_another_base_model_is_refused_before_anything_starts(embe
 
 
 def test_several_adapters_in_one_job_give_each_row_its_own_adapters_output(tmp_path):
-    """fp32 greedy: each row of the mixed job equals the same row in a job of its adapter alone (or none)."""
+    """fp32 greedy: each row of the mixed job equals what its adapter merged into the model (or none) gives it
+    alone. The prompts share a long prefix, which the engine reads once per adapter, never across them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.unit.generation.test_engine import generated_alone
+
     a, b = (
         make_adapter(tiny_llama(), tmp_path / "lora-a", seed=1),
         make_adapter(tiny_llama(), tmp_path / "lora-b", seed=2),
     )
     choice = ["a", "b", None, "b", "a", "", "a", "b", "a"]
+    shared = (
+        "You are a careful geography teacher. Answer in two short sentences, plainly, for a class of curious "
+        "children who like maps, boats and stories about water."
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(
-            json.dumps({"id": f"r{i}", "prompt": f"Tell me about the river number {i}.", "lora": c}) + "\n"
+            json.dumps({"id": f"r{i}", "prompt": f"{shared} Tell me about river number {i}.", "lora": c}) + "\n"
             for i, c in enumerate(choice)
         )
     )
+    out = tmp_path / "mixed"
+    args = job_args(prompts, out, f"+model.adapters.a={a}", f"+model.adapters.b={b}", "dataset.adapter_column=lora")
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete(out, expected_ids(prompts))
+    mixed = {r["id"]: r for f in out.glob("*.parquet") for r in pq.read_table(f).to_pylist()}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama())
 
-    def completions(out, *extra) -> dict[str, tuple]:
-        result = subprocess.run(job_args(prompts, out, *extra), cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert_complete(out, expected_ids(prompts))
-        rows = [r for f in out.glob("*.parquet") for r in pq.read_table(f).to_pylist()]
-        return {r["id"]: (r["completion"], r.get("adapter")) for r in rows}
+    def model_of(adapter):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+        return (PeftModel.from_pretrained(base, adapter).merge_and_unload() if adapter else base).eval()
 
-    mixed = completions(
-        tmp_path / "mixed", f"+model.adapters.a={a}", f"+model.adapters.b={b}", "dataset.adapter_column=lora"
-    )
-    alone = {
-        "a": completions(tmp_path / "a", f"model.adapter={a}"),
-        "b": completions(tmp_path / "b", f"model.adapter={b}"),
-        None: completions(tmp_path / "base"),
-    }
+    models = {"a": model_of(a), "b": model_of(b), None: model_of(None)}
+    eos = models[None].generation_config.eos_token_id
+    texts = {}
     for i, c in enumerate(choice):
-        text, label = mixed[f"r{i}"]
-        assert text == alone[c or None][f"r{i}"][0], (i, c)
-        assert (label or "").split("@")[0] == {"a": "lora-a", "b": "lora-b"}.get(c or None, "")
-    assert alone["a"]["r0"][0] != alone["b"]["r0"][0] != alone[None]["r0"][0]  # the adapters change the rows
+        row = mixed[f"r{i}"]
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert len(ids) == row["prompt_tokens"] > 40  # the chat template and the shared prefix
+        tokens = generated_alone(models[c or None], ids, 8, tokenizer.pad_token_id, eos_token_id=eos)
+        texts[(i, c or None)] = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert row["completion"] == texts[(i, c or None)], (i, c)
+        assert (row["adapter"] or "").split("@")[0] == {"a": "lora-a", "b": "lora-b"}.get(c or None, "")
+    assert len({texts[(0, "a")], texts[(1, "b")], texts[(2, None)]}) == 3  # the adapters change the rows
     for f in (tmp_path / "mixed").glob("*.parquet"):  # planned apart: a file (shard) holds one adapter's rows
         assert len(set(pq.read_table(f, columns=["adapter"]).column("adapter").to_pylist())) == 1, f.name
     manifest = json.loads((tmp_path / "mixed" / "_manifest.json").read_text())
     files = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "mixed").glob("*.parquet")}
-    assert (
-        completions(
-            tmp_path / "mixed", f"+model.adapters.a={a}", f"+model.adapters.b={b}", "dataset.adapter_column=lora"
-        )
-        == mixed
-    )  # the same job resumes: nothing generated again
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]  # the same job resumes: nothing generated again
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "mixed").glob("*.parquet")} == files
     assert set(manifest["adapters"]) == {"a", "b"} and manifest["adapters"]["a"].startswith("lora-a@")
     unknown = subprocess.run(

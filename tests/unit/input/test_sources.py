@@ -126,3 +126,38 @@ def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
     assert [r["note"] for r in rows[:3]] == ["", "NA", "x"]
     assert rows[-1] == {"id": "ABC-1", "score": "n/a", "note": "late text", "prompt": "last"}
     assert len(rows) == 69004 and [r["id"] for c in chunks for r in parse_chunk(c).to_pylist()][:1] == ["00123"]
+
+
+def test_a_save_to_disk_folder_is_read_from_its_arrow_files_and_a_dataset_dict_by_split(tmp_path):
+    import datasets
+
+    rows = {"id": [f"s{i}" for i in range(7)], "prompt": [f"p{i}" for i in range(7)]}
+    whole = datasets.Dataset.from_dict(rows)
+    whole.save_to_disk(str(tmp_path / "one"), num_shards=2)  # two Arrow files, read in order
+    assert ids_read(tmp_path / "one", chunk_rows=3) == rows["id"]
+    datasets.DatasetDict({"train": whole, "test": whole.select([5, 6])}).save_to_disk(str(tmp_path / "dict"))
+    assert ids_read(tmp_path / "dict", split="test") == ["s5", "s6"]
+    assert ids_read(tmp_path / "dict", limit=4) == rows["id"][:4]
+    with pytest.raises(ConfigError, match="has the splits train, test; pick one"):
+        ids_read(tmp_path / "dict", split="validation")
+
+
+def test_a_hub_datasets_repository_is_streamed_by_datasets_without_a_cached_copy(tmp_path, monkeypatch):
+    """A clone of a Hub dataset's repository (README card, data/ files) goes through `datasets` as the Hub's
+    would, streaming: chunk by chunk, and nothing is written to the datasets cache."""
+    repo = tmp_path / "org--prompts"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*.parquet\n---\n# prompts\n"
+    )
+    for k in range(2):
+        ids = [f"h{k}-{i}" for i in range(5)]
+        pq.write_table(pa.table({"id": ids, "prompt": ids}), repo / "data" / f"train-0000{k}-of-00002.parquet")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", cache)
+    source = sources.resolve(DatasetConfig(path=str(repo)))
+    assert source.hub_name == str(repo) and not source.files
+    assert ids_read(repo, chunk_rows=3) == [f"h{k}-{i}" for k in range(2) for i in range(5)]
+    assert not [p for p in cache.rglob("*.arrow")]  # streamed: no Arrow copy of the dataset was made
