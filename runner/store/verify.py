@@ -146,7 +146,8 @@ def _exact(
                 c for c in ("id", "sample_index", SAMPLES) if c in schema.names and (own_settings or c != SAMPLES)
             ]
             table = pq.read_table(f, columns=columns)
-        rows = zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist(), _wants(table, samples))
+        wants = _wants(table, samples, own_settings)
+        rows = zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist(), wants)
         for i, k, n in rows:
             if hash((i, k)) in pair_hashes:
                 pairs[(i, k)] += 1
