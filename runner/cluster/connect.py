@@ -7,12 +7,21 @@ the duration of `ray.init`, loopback addresses are kept as they are: a local
 cluster then listens on 127.0.0.1 only. Addresses of other machines are never
 touched. Ray's own processes in a `ray start` cluster get the same treatment
 from cluster/loopback/sitecustomize.py (see cluster/local.sh).
+
+The private cluster has a token of its own (`private_token`): a fresh random one in a file only this
+user can read (0600, in a 0700 folder), not Ray's shared `~/.ray/auth_token` (which Ray creates
+readable by everyone who can enter the home folder). A process without it cannot join the cluster,
+run code in it as this user, or read what the job's workers hold.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,8 +52,33 @@ def connect(cluster: ClusterConfig) -> bool:
             # so the variables are set here rather than in a runtime environment (which costs every actor a
             # round trip to Ray's runtime-env agent, about a second on a small machine).
             os.environ.update(env)
+            os.environ.update(private_token())
+            _reload_auth_config()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **common)
     return True
+
+
+def private_token() -> dict[str, str]:
+    """The environment that gives a private Ray (and every process it starts) a token only this user can read.
+
+    The token lies in a fresh folder of mode 0700, its file 0600, removed when this process exits.
+    """
+    folder = tempfile.mkdtemp(prefix="runner-ray-")  # 0700: mkdtemp's own mode
+    path = os.path.join(folder, "auth_token")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path}
+
+
+def _reload_auth_config() -> None:
+    """Ray reads its authentication mode and token when it is imported: make this process see the new ones."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @contextmanager
