@@ -71,6 +71,7 @@ def cut_batches(
     max_batch_tokens: int | None,
     max_batch_size: int,
     batch_overhead: int | None = None,
+    samples: Sequence[int] | None = None,
 ) -> list[Batch]:
     """Cut rows, taken in `order` (longest first), into the cheapest consecutive batches that fit the limits.
 
@@ -81,7 +82,8 @@ def cut_batches(
 
     Every batch holds at most `max_batch_size` rows and, when `max_batch_tokens` is set,
     at most that many padded tokens (`batch_cost`); a row too long for the budget on
-    its own still gets a batch of its own.
+    its own still gets a batch of its own. `samples`: each row's own number of sequences (rows with
+    settings of their own), where the budget counts them instead of `num_return_sequences` per row.
     """
     import numpy as np
 
@@ -89,6 +91,8 @@ def cut_batches(
     if n == 0:
         return []
     width = np.array([lengths[r] for r in order], dtype=np.int64)  # non-increasing
+    seqs = np.zeros(n + 1, dtype=np.int64)  # seqs[j] - seqs[i]: the sequences of the rows i..j-1 (in order)
+    seqs[1:] = np.cumsum([samples[r] if samples is not None else num_return_sequences for r in order])
     per_batch = int(width.sum()) * max_batch_size + 1 if batch_overhead is None else batch_overhead
     never = np.iinfo(np.int64).max // 4
     best = np.zeros(n + 1, dtype=np.int64)  # best[i]: cheapest cut of the rows from i on
@@ -98,7 +102,7 @@ def cut_batches(
         rows = stop - i
         cost = rows * width[i] + per_batch + best[stop]
         if max_batch_tokens is not None:
-            held = rows * num_return_sequences * (width[i] + max_new_tokens)
+            held = (seqs[stop] - seqs[i]) * (width[i] + max_new_tokens)
             fits = held <= max_batch_tokens
             fits[0] = True  # a single row always gets a batch
             cost = np.where(fits, cost, never)
@@ -144,6 +148,7 @@ def plan_shards(
     first_batch_id: int = 0,
     salt: str = "",
     groups: Sequence[int] | None = None,
+    samples: Sequence[int] | None = None,
 ) -> Plan:
     """The whole plan of a set of rows (a job's input, or one window of it): sort, cut batches, group shards.
 
@@ -157,6 +162,8 @@ def plan_shards(
         salt: mixed into every fingerprint (the job's config hash).
         groups: each row's group (its adapter): rows of one group are planned apart from the others, so no
             batch or shard holds two groups. None: one group.
+        samples: each row's own number of sequences, where rows have their own (the token budget counts
+            them); None: `num_return_sequences` each.
     """
     if len(keys) != len(lengths):
         raise ValueError(f"{len(keys)} keys but {len(lengths)} lengths")
@@ -166,7 +173,9 @@ def plan_shards(
     batches: list[Batch] = []
     grouped: list[Shard] = []
     for part in parts:
-        cut = cut_batches(lengths, part, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch)
+        cut = cut_batches(
+            lengths, part, max_new_tokens, num_return_sequences, max_batch_tokens, rows_per_batch, samples=samples
+        )
         cut = [Batch(first_batch_id + len(batches) + b.batch_id, b.rows, b.padded_length) for b in cut]
         batches += cut
         grouped += group_shards(cut, shard_size)

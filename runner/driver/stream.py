@@ -160,6 +160,7 @@ class JobStream:
             first_batch_id=self._next_batch,
             salt=self.config_hash,
             groups=np.concatenate([m.groups for m in metas]).tolist() if metas[0].groups is not None else None,
+            samples=samples.tolist() if metas[0].samples is not None else None,
         )
         self._next_batch += the_plan.num_batches
         self._count(metas, the_plan, lengths_list)

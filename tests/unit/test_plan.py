@@ -150,3 +150,16 @@ def test_rows_of_each_group_are_planned_apart_and_one_group_plans_as_none():
     assert plan_shards(ids, lengths, 16, 1, 4000, 8, 10, groups=[0] * 120) == plan_shards(
         ids, lengths, 16, 1, 4000, 8, 10
     )
+
+
+def test_rows_own_sample_counts_are_what_the_token_budget_counts():
+    rng = random.Random(11)
+    lengths = [rng.randint(1, 100) for _ in range(200)]
+    samples = [rng.choice([1, 1, 1, 4]) for _ in lengths]
+    ids = [str(i) for i in range(200)]
+    own = plan_shards(ids, lengths, 16, 4, 3000, 64, 1000, samples=samples)
+    most = plan_shards(ids, lengths, 16, 4, 3000, 64, 1000)
+    for b in (b for s in own.shards for b in s.batches):
+        assert sum(samples[r] for r in b.rows) * (b.padded_length + 16) <= 3000 or len(b.rows) == 1
+    assert own.num_batches < most.num_batches  # batches sized by what rows ask, not the most any may
+    assert plan_shards(ids, lengths, 16, 4, 3000, 64, 1000, samples=[4] * 200) == most
