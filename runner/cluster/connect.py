@@ -44,7 +44,7 @@ def connect(cluster: ClusterConfig) -> bool:
         env[faults.ENV] = os.environ[faults.ENV]
     common = {"logging_level": logging.WARNING, "log_to_driver": True}
     with keep_loopback_addresses():
-        if cluster.address:
+        if cluster.address and cluster.address != "local":  # "local" is Ray's word for a new local cluster
             ray.init(address=cluster.address, runtime_env={"env_vars": env}, **common)
         else:
             # A private cluster for this job: every server on 127.0.0.1, and no dashboard: its job-submission
@@ -52,16 +52,36 @@ def connect(cluster: ClusterConfig) -> bool:
             # so the variables are set here rather than in a runtime environment (which costs every actor a
             # round trip to Ray's runtime-env agent, about a second on a small machine).
             os.environ.update(env)
+            _SAVED_AUTH.clear()
+            _SAVED_AUTH.update({k: os.environ.get(k) for k in AUTH_VARIABLES})
             os.environ.update(private_token())
             _reload_auth_config()
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **common)
     return True
 
 
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+_SAVED_AUTH: dict[str, str | None] = {}  # the user's own, while a private Ray runs
+
+
+def restore_auth() -> None:
+    """After a private Ray is shut down: the process's own authentication settings again (a later join of
+    another cluster must not present the private token)."""
+    if not _SAVED_AUTH:
+        return
+    for key, value in _SAVED_AUTH.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SAVED_AUTH.clear()
+    _reload_auth_config()
+
+
 def private_token() -> dict[str, str]:
     """The environment that gives a private Ray (and every process it starts) a token only this user can read.
 
-    The token lies in a fresh folder of mode 0700, its file 0600, removed when this process exits.
+    The token lies in a fresh folder of mode 0700, its file 0600, removed when this process exits normally.
     """
     folder = tempfile.mkdtemp(prefix="runner-ray-")  # 0700: mkdtemp's own mode
     path = os.path.join(folder, "auth_token")
@@ -75,8 +95,10 @@ def private_token() -> dict[str, str]:
 
 def _reload_auth_config() -> None:
     """Ray reads its authentication mode and token when it is imported: make this process see the new ones."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication (before 2.52): pyproject asks for a newer one
+        raise RuntimeError("this Ray has no token authentication; install ray>=2.52 (make demo does)") from None
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, replace
 from typing import Any
 
-from runner.cluster.connect import connect
+from runner.cluster.connect import connect, restore_auth
 from runner.cluster.pool import WorkerPool, plan_workers
 from runner.config import JobConfig
 from runner.tasks import WorkerSetup
@@ -110,4 +110,6 @@ class Session:
         self._input = self._input_key = None
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
+        if self.started_ray:
+            restore_auth()
         self.started_ray = False

@@ -61,7 +61,7 @@ def _checks(gen: GenerationSettings) -> dict[str, tuple[Callable[[Any], bool], s
         "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no top-k)"),
         "seed": (lambda v: _integer(v) and 0 <= v <= MAX_SEED, "an integer >= 0"),
-        "stop_strings": (_stops, "a non-empty string or a list of them"),
+        "stop_strings": (_stops, "a non-empty string or a list of them ([]: none)"),
         "num_return_sequences": (
             lambda v: _integer(v) and 1 <= v <= gen.num_return_sequences,
             f"an integer from 1 to generation.num_return_sequences={gen.num_return_sequences} (the most any row "
@@ -114,7 +114,7 @@ def check_settings(
     for row_id, row in zip(ids, values):
         kept: dict[str, Any] = {}
         for name, value in row.items():
-            if value is None or (name == "stop_strings" and value == []):  # none given: the job's
+            if value is None:  # the job's ([] for stop_strings: none for this row)
                 continue
             good, _ = checks[name]
             if not good(value):

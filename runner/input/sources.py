@@ -87,7 +87,7 @@ def resolve(cfg: DatasetConfig) -> Source:
         if saved is not None:
             return Source(pafs.LocalFileSystem(), saved)
         found = sorted(str(c) for c in p.iterdir() if c.is_file() and _is_data_name(c.name))
-        if not found and ((p / "README.md").is_file() or (p / "data").is_dir()):
+        if not found and _hub_clone(p):
             return Source(None, [], hub_name=str(p))  # a Hub dataset's repository, cloned: read as the Hub's are
         return Source(pafs.LocalFileSystem(), _typed(path, [(os.path.abspath(f), f) for f in found], folder=True))
     if p.exists() or p.suffix.lower() in FORMATS:
@@ -160,6 +160,18 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
+def _hub_clone(folder: Path) -> bool:
+    """Whether a folder without data files at its top is a clone of a Hub dataset's repository: a card whose
+    YAML header names its configs, or a `data/` folder of data files (what the Hub itself reads)."""
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---") and "\nconfigs:" in text.split("\n---", 1)[0]:
+            return True
+    data = folder / "data"
+    return data.is_dir() and any(_is_data_name(c.name) for c in data.rglob("*") if c.is_file())
+
+
 def _saved_dataset(folder: Path, split: str, path: str) -> list[InputFile] | None:
     """The Arrow files of a `datasets` `save_to_disk` folder, in order (a DatasetDict's: `split`'s); None if
     `folder` is not one.
@@ -170,12 +182,17 @@ def _saved_dataset(folder: Path, split: str, path: str) -> list[InputFile] | Non
     import json
 
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        try:
+            splits = list(json.loads((folder / "dataset_dict.json").read_text()).get("splits", []))
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise ConfigError([f"dataset.path={path!r}: its dataset_dict.json is not readable ({e})"]) from None
         if split not in splits:
             raise ConfigError(
                 [f"dataset.split={split!r}: the saved dataset {path!r} has the splits {', '.join(splits)}; pick one"]
             )
         folder = folder / split
+        if not (folder / "state.json").is_file():
+            raise ConfigError([f"dataset.path={path!r}: split {split!r} has no state.json; save the dataset again"])
     state = folder / "state.json"
     if not state.is_file() or not (folder / "dataset_info.json").is_file():
         return None
@@ -265,7 +282,7 @@ def _file_chunks(source: Source, chunk_rows: int) -> Iterator[RawChunk]:
                     yield from _table_chunks(f, pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows))
             elif f.fmt == "arrow":  # a save_to_disk folder's files: Arrow IPC streams, read batch by batch
                 with source.fs.open_input_file(f.path) as handle:
-                    yield from _table_chunks(f, pa.ipc.open_stream(handle), chunk_rows)
+                    yield from _table_chunks(f, _rebatched(pa.ipc.open_stream(handle), chunk_rows), chunk_rows)
             elif f.fmt == "csv":
                 yield from _table_chunks(f, _csv_as_text(source.fs, f), chunk_rows)
             else:
@@ -284,6 +301,19 @@ def _table_chunks(f: InputFile, batches: Any, chunk_rows: int | None = None) -> 
             piece = table.slice(start, chunk_rows or table.num_rows)
             yield RawChunk(f.shown, 0, piece.num_rows, table=piece, first_file_row=done)
             done += piece.num_rows
+
+
+def _rebatched(batches: Any, rows: int) -> Iterator[pa.Table]:
+    """Record batches joined into tables of `rows` rows (a `datasets` Arrow file's batches hold 1,000)."""
+    held, count = [], 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(held)
+            held, count = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
 
 
 def _csv_as_text(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.RecordBatch]:
@@ -383,7 +413,7 @@ def _hub_chunks(source: Source, cfg: DatasetConfig, chunk_rows: int) -> Iterator
             yield from tables
         except Exception as e:  # a stream broken after its first rows: named; the run resumes from its shards
             raise ConfigError(
-                [f"{redact(cfg.path)}: reading the Hub dataset failed ({type(e).__name__}: {first_line(e)})"]
+                [f"{redact(cfg.path)}: reading the Hub dataset failed ({type(e).__name__}: {redact(first_line(e))})"]
             ) from e
 
     yield from _table_chunks(f, stream(), chunk_rows)

@@ -77,5 +77,5 @@ def test_a_process_without_the_private_rays_token_cannot_join_it(tmp_path):
         shown = until(join(address, tmp_path / "someone", RAY_AUTH_TOKEN_PATH=token), "joined")
         assert "joined" in shown, shown[-2000:]
     finally:
-        held.kill()
+        held.terminate()
         held.wait()

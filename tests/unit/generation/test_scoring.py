@@ -25,8 +25,9 @@ def alone(model, input_ids: list[int]) -> list[float]:
 def test_prompt_logprobs_equal_a_plain_forward_pass_per_row(tiny, monkeypatch, budget):  # noqa: F811
     model, tokenizer = tiny
     vocab = model.get_output_embeddings().weight.shape[0]
-    if budget is not None:  # at most `budget` rows of the widest prompt per pass
-        monkeypatch.setattr(scoring, "SCORE_LOGITS", budget * max(LENGTHS) * vocab)
+    if budget is not None:  # at most `budget` rows of the widest prompt per pass, 5 positions' logits a slice
+        monkeypatch.setattr(scoring, "SCORE_HIDDEN", budget * max(LENGTHS) * model.config.hidden_size)
+        monkeypatch.setattr(scoring, "SCORE_LOGITS", 5 * vocab)
     rows = rows_of(tokenizer, LENGTHS)
     got = {f.key: f for f in scoring.score(model, rows, tokenizer.pad_token_id)}
     assert sorted(got) == list(range(len(rows)))
