@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pyarrow.dataset as ds
+import pytest
 
 from tests.conftest import REPO, tiny_llama
 
@@ -134,6 +135,7 @@ def test_requests_the_runner_cannot_honour_are_refused_with_their_line_and_key(t
     assert "Traceback" not in message
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes; test_sweep.py runs sweeps in the default suite
 def test_a_sweep_over_a_batch_file_gives_each_point_its_run_and_rows_keep_their_own_seed(tmp_path):
     path = tmp_path / "batch_input.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in REQUESTS))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow.dataset as ds
+import pytest
 
 from tests.conftest import REPO
 from tests.integration.jobs import job_args
@@ -74,6 +75,7 @@ def test_rows_of_a_csv_decode_with_their_own_settings_and_say_so(tmp_path):
     assert other.returncode != 0 and "config" in (other.stdout + other.stderr).lower()
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes: tests/unit/input/test_own_settings.py checks the messages
 def test_bad_row_settings_are_refused_by_row_before_any_model_loads(tmp_path):
     prompts = tmp_path / "prompts.csv"
     write_csv(
