@@ -71,8 +71,6 @@ def test_rows_of_a_csv_decode_with_their_own_settings_and_say_so(tmp_path):
     again = run(tmp_path, prompts, *MAPPING)  # the same job resumes: nothing to generate
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")} == files
-    other = run(tmp_path, prompts, *MAPPING[:-1])  # another mapping is another config
-    assert other.returncode != 0 and "config" in (other.stdout + other.stderr).lower()
 
 
 @pytest.mark.slow  # keeps make test under 10 minutes: tests/unit/input/test_own_settings.py checks the messages

@@ -44,17 +44,3 @@ def test_a_scoring_job_writes_each_prompts_token_logprobs_as_a_plain_forward_pas
     assert (
         again.returncode == 0 and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")} == files
     )
-
-
-@pytest.mark.parametrize(
-    ("extra", "says"),
-    [
-        (["generation.max_new_tokens=0"], "add generation.prompt_logprobs=true"),
-        (["generation.prompt_logprobs=true"], "set generation.max_new_tokens=0"),
-        ([*SCORING, "generation.logprobs=2"], "a scoring job has no samples or generated tokens"),
-    ],
-    ids=["nothing-to-do", "generating", "logprobs"],
-)
-def test_scoring_settings_that_do_not_go_together_are_refused(prompts, tmp_path, extra, says):
-    done = subprocess.run(job_args(prompts, tmp_path / "out", *extra), cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]

@@ -120,3 +120,41 @@ def test_model_defaults_the_engine_applies_count_in_the_hash_only_where_a_model_
     assert config_hash(job, model_defaults={"no_repeat_ngram_size": 3}) != config_hash(job)
     with pytest.raises(ValueError, match="needs the adapter's hash"):
         config_hash(compose_job(f"model.adapter={tmp_path}"))
+
+
+def test_keys_added_for_rows_settings_adapters_and_scoring_hash_only_when_used():
+    """Runs written before these keys existed keep their hash; each key, once used, is part of it."""
+    from runner.config import result_affecting
+
+    plain = compose_job()
+    kept = result_affecting(plain)
+    assert not {"settings_columns", "format", "adapter_column"} & set(kept["dataset"])
+    assert "prompt_logprobs" not in kept["generation"]
+    mapped = compose_job("+dataset.settings_columns.temperature=temp")
+    other = compose_job("+dataset.settings_columns.temperature=temp", "+dataset.settings_columns.seed=s")
+    assert len({config_hash(plain), config_hash(mapped), config_hash(other)}) == 3
+    assert config_hash(compose_job("dataset.format=openai_batch")) != config_hash(plain)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["generation.max_new_tokens=0"], "add generation.prompt_logprobs=true"),
+        (["generation.prompt_logprobs=true"], "set generation.max_new_tokens=0"),
+        (
+            ["generation.max_new_tokens=0", "generation.prompt_logprobs=true", "generation.logprobs=2"],
+            "a scoring job has no samples or generated tokens",
+        ),
+        (
+            ["generation.max_new_tokens=0", "generation.prompt_logprobs=true", "dataset.format=openai_batch"],
+            "rows have no settings to give",
+        ),
+        (["+dataset.settings_columns.beams=temp"], "not a setting rows can hold"),
+        (["+model.adapters.a=/x"], "model.adapters and dataset.adapter_column go together"),
+        (["dataset.format=openai_batch", "dataset.adapter_column=lora", "+model.adapters.a=/x"], "no columns"),
+    ],
+    ids=["nothing-to-do", "generating", "logprobs", "row-settings", "unknown-setting", "adapters-alone", "batch"],
+)
+def test_settings_that_do_not_go_together_are_refused(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        validate(compose_job(*overrides))
