@@ -39,22 +39,26 @@ REQUESTS = [
 ]
 
 
-def job(tmp_path, lines: list[dict], *extra: str) -> subprocess.CompletedProcess:
+def batch_args(lines: list[dict], tmp_path, *extra: str, sweep: bool = False) -> list[str]:
+    """The command of a job (or with `sweep`, a multirun) over a Batch input file of `lines` (written here)."""
     path = tmp_path / "batch_input.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    args = [
+    return [
         sys.executable,
         "jobs/generate.py",
+        *(["-m"] if sweep else []),
         f"dataset.path={path}",
         "dataset.format=openai_batch",
         f"model.name_or_path={tiny_llama()}",
         "model.quantization=none",
         "generation.max_new_tokens=8",
         "generation.num_return_sequences=3",
-        "batching.shard_size=2",
-        f"output.dir={tmp_path / 'out'}",
         *extra,
     ]
+
+
+def job(tmp_path, lines: list[dict], *extra: str) -> subprocess.CompletedProcess:
+    args = batch_args(lines, tmp_path, "batching.shard_size=2", f"output.dir={tmp_path / 'out'}", *extra)
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -120,7 +124,7 @@ def test_requests_the_runner_cannot_honour_are_refused_with_their_line_and_key(t
         request("penalized", CHAT, messages=[{"role": "user", "content": "x"}], frequency_penalty=0.5),
         request("tools", CHAT, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
         request("image", CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-        {**request("embed", "/v1/embeddings", input="x")},
+        request("embed", "/v1/embeddings", input="x"),
         request("too-many", COMPLETIONS, prompt="x", n=5, temperature=1.0),
         request("logprobs", CHAT, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=2),
     ]
@@ -137,22 +141,14 @@ def test_requests_the_runner_cannot_honour_are_refused_with_their_line_and_key(t
 
 @pytest.mark.slow  # keeps make test under 10 minutes; test_sweep.py runs sweeps in the default suite
 def test_a_sweep_over_a_batch_file_gives_each_point_its_run_and_rows_keep_their_own_seed(tmp_path):
-    path = tmp_path / "batch_input.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in REQUESTS))
-    args = [
-        sys.executable,
-        "jobs/generate.py",
-        "-m",
-        f"dataset.path={path}",
-        "dataset.format=openai_batch",
-        f"model.name_or_path={tiny_llama()}",
-        "model.quantization=none",
-        "generation.max_new_tokens=8",
-        "generation.num_return_sequences=3",
+    args = batch_args(
+        REQUESTS,
+        tmp_path,
         "generation.seed=1,2",
         "cluster.num_workers=1",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
+        sweep=True,
+    )
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     points = []
