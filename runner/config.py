@@ -28,6 +28,10 @@ ADDED_KEYS = (
     ("dataset", "format", "auto"),
     ("dataset", "adapter_column", None),
     ("generation", "prompt_logprobs", False),
+    ("generation", "json_schema", None),
+    ("generation", "regex", None),
+    ("generation", "choice", None),
+    ("dataset", "schema_column", None),
 )
 # Generation settings a row may hold its own value of (dataset.settings_columns, an OpenAI Batch body).
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_strings", "num_return_sequences")
@@ -59,6 +63,8 @@ class DatasetConfig:
     settings_columns: dict[str, str] = field(default_factory=dict)
     # The column naming each row's adapter (one of model.adapters; null or "": the base model alone).
     adapter_column: str | None = None
+    # The column holding each row's own JSON schema (JSON text or an object; null or "": the job's constraint).
+    schema_column: str | None = None
     # `auto`: files by their extension; `openai_batch`: OpenAI Batch API input JSONL (custom_id, url, body):
     # ids, prompts and settings come from each line, and prompt_column, messages_column and id_column are unused.
     format: str = "auto"
@@ -99,6 +105,11 @@ class GenerationSettings:
     logprobs: int | None = None
     # A scoring job (with max_new_tokens=0): each prompt's own tokens' log-probabilities, nothing generated.
     prompt_logprobs: bool = False
+    # Structured output (runner.constraints), at most one: a JSON schema (inline, or a path to a .json
+    # file), a regular expression, or a list of strings every completion is one of.
+    json_schema: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 @dataclass
@@ -209,6 +220,7 @@ def validate(job: JobConfig) -> JobConfig:
             "(dataset.adapter_column=COLUMN); for one adapter on every row, use model.adapter=FOLDER"
         )
     problems += _generation_problems(job.generation, has_row_settings(job))
+    problems += _structured_problems(job)
     problems += _batching_problems(job.batching, job.generation)
     problems += _cluster_problems(job.cluster)
     if job.output.on_row_error not in ON_ROW_ERROR:
@@ -335,6 +347,33 @@ def _generation_problems(g: GenerationSettings, row_settings: bool = False) -> l
     return problems
 
 
+def _structured_problems(job: JobConfig) -> list[str]:
+    """The constraint keys' problems; `generation.json_schema` given as a path or text is read in place."""
+    from runner import constraints
+
+    g, d = job.generation, job.dataset
+    try:
+        g.json_schema = constraints.read_schema(g.json_schema)
+    except ConfigError as e:
+        return e.problems
+    problems = constraints.problems(g)
+    if g.prompt_logprobs and has_structured_output(job):
+        problems.append(
+            "generation.prompt_logprobs=true with structured output (generation.json_schema, regex, choice or "
+            "dataset.schema_column): a scoring job generates nothing to constrain; leave them unset"
+        )
+    if d.schema_column is not None and (not isinstance(d.schema_column, str) or not d.schema_column.strip()):
+        problems.append(f"dataset.schema_column={d.schema_column!r}: must name an input column, or be null")
+    elif d.schema_column and d.format == "openai_batch":
+        problems.append(
+            f"dataset.schema_column={d.schema_column!r} with dataset.format=openai_batch: a Batch line's schema "
+            "is its body's response_format; leave dataset.schema_column unset"
+        )
+    elif d.schema_column in (d.prompt_column, d.messages_column, d.id_column) and d.schema_column:
+        problems.append(f"dataset.schema_column={d.schema_column!r}: that column is the prompt, messages or id column")
+    return problems
+
+
 def _scoring_problems(g: GenerationSettings, row_settings: bool) -> list[str]:
     """What a scoring job (generation.prompt_logprobs=true) cannot have: it reads prompts, generates nothing."""
     problems = []
@@ -406,6 +445,12 @@ def default_samples(g: GenerationSettings) -> int:
     """Samples of a row that asks for none of its own: num_return_sequences, or 1 when greedy (with rows of
     their own settings, num_return_sequences is then only the most a sampled row may ask for)."""
     return g.num_return_sequences if g.do_sample else 1
+
+
+def has_structured_output(job: JobConfig) -> bool:
+    """Whether completions may be constrained (and the output has the `structured_output` column)."""
+    g = job.generation
+    return any(getattr(g, k) is not None for k in ("json_schema", "regex", "choice")) or bool(job.dataset.schema_column)
 
 
 def has_row_settings(job: JobConfig) -> bool:

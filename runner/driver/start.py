@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from runner import input as input_lib
 from runner import store
-from runner.config import JobConfig, config_hash, has_row_settings, validate
+from runner.config import JobConfig, config_hash, has_row_settings, has_structured_output, validate
 from runner.errors import ConfigError
 
 
@@ -99,6 +99,7 @@ def start(job: JobConfig, dry_run: bool = False) -> JobStart:
         adapter is not None or adapters is not None,
         has_row_settings(job),
         job.generation.prompt_logprobs,
+        has_structured_output(job),
     ) | {input_lib.TOKENS, input_lib.SETTINGS, input_lib.ADAPTER}
     # Preparers tokenize with the tokenizer of the revision the workers load (a Hub commit, pinned here).
     model = job.model if revision.startswith("local:") else dataclasses.replace(job.model, revision=revision)

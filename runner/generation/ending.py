@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runner.errors import first_line
 from runner.generation.sampling import Decoding
 from runner.generation.sequences import Running, SequenceResult
 from runner.generation.text import stop_enders, stop_tokens, token_texts
@@ -58,6 +59,11 @@ class Ending:
         last = s.tokens[-1]
         if last in d.eos_ids or last in stops.ids:
             return self.result(s, s.tokens[:-1], "stop")
+        if s.matcher is not None:
+            if s.matcher.is_error():
+                raise ValueError(f"structured output: {first_line(s.matcher.get_error(), 200)}")
+            if s.matcher.is_stopped():  # its grammar is complete and allows nothing more
+                return self.result(s, s.tokens, "stop")
         if stops.texts and (stops.enders is None or last in stops.enders):
             tail = self.tokenizer.decode(s.tokens[-stops.tail :], skip_special_tokens=True)
             if any(stop in tail for stop in stops.texts):

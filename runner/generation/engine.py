@@ -36,7 +36,7 @@ from typing import Any
 
 from runner import faults, plan
 from runner.errors import RowFailedError, first_line
-from runner.generation import kvcache, prefix
+from runner.generation import kvcache, prefix, structured
 from runner.generation.ending import Ending
 from runner.generation.limits import Limits
 from runner.generation.processors import NgramTable, check_vocabulary
@@ -84,6 +84,8 @@ class Engine:
         self.empty_row_steps = 0  # decode steps computed for the empty rows of ended sequences, over its life
         check_vocabulary(decoding.rules, getattr(getattr(model, "config", None), "vocab_size", None))
         self._chooser = Chooser(decoding)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self._grammars = structured.Grammars(tokenizer, decoding.eos_ids, vocab)
         probe = kvcache.new_cache(model)
         self._joinable = kvcache.joinable(probe)
         self._window = kvcache.window(probe)  # every layer slides: columns older than it are cut
@@ -138,6 +140,11 @@ class Engine:
     def counts(self) -> tuple[int, int, int]:
         """Its counters so far: out-of-memory errors, prompt positions computed, empty rows' decode steps."""
         return self.oom_events, self.prompt_positions, self.empty_row_steps
+
+    def mask_seconds(self) -> tuple[float, float]:
+        """Structured output's masks so far: seconds spent computing them (beside the forward), and seconds
+        decode steps waited for them after their forward."""
+        return self._grammars.computing_s, self._grammars.waiting_s
 
     def generate_all(self, rows: list[Row]) -> list[Finished]:
         """Every sequence of `rows`, in row order, samples in order."""
@@ -263,15 +270,21 @@ class Engine:
         else:
             cache, every = kvcache.new_cache(self.model), ids
         self.prompt_positions += ids.numel()
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
         width = int(mask.shape[1])
+        seqs = self._sequences(group, width)
+        masks = self._grammars.start(seqs)  # computed while the prompts are read
+        try:
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if masks is not None:
+                masks.wait()
         counts = [len(w.samples) for w in group]
         repeat = torch.tensor(counts, device=self.device)
         logits = out.logits[:, -1].repeat_interleave(repeat, dim=0)
@@ -282,6 +295,13 @@ class Engine:
         if self._chooser.penalized:  # the prompt's tokens; each generated one is added as it is taken
             seen = presence(every.to(self.device), mask, out.logits.shape[-1]).repeat_interleave(repeat, dim=0)
         mask = mask.repeat_interleave(repeat, dim=0)
+        choice = self._chooser.choose(logits, seqs, seen, masks)
+        for i, s in enumerate(seqs):
+            s.took(choice, i)
+        return Prefilled(cache, mask, seqs, took_tokens(seen, choice))
+
+    def _sequences(self, group: list[Waiting], width: int) -> list[Running]:
+        """The running sequences of a prefill group's rows: each sample one, with its matcher where constrained."""
         n = self.decoding.rules.no_repeat_ngram_size
         seqs = []
         for w in group:
@@ -299,12 +319,10 @@ class Engine:
                         admitted_at=w.admitted_at,
                         steps=w.steps.get(k, 0),
                         ngrams=table.copy() if table is not None and len(w.samples) > 1 else table,
+                        matcher=self._grammars.matcher(decoding.constraint) if decoding.constraint else None,
                     )
                 )
-        choice = self._chooser.choose(logits, seqs, seen)
-        for i, s in enumerate(seqs):
-            s.took(choice, i)
-        return Prefilled(cache, mask, seqs, took_tokens(seen, choice))
+        return seqs
 
     def _join(self, parts: list[Prefilled]) -> None:
         """Append prefilled groups to the running set: every cache left-padded to the widest."""
@@ -344,6 +362,7 @@ class Engine:
         positions = torch.tensor([[s.length if s else 0] for s in self.slots], device=self.device)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.slots), 1))], dim=1)
         error = None
+        masks = self._grammars.start(self.seqs)  # the constrained sequences' masks, computed beside the forward
         try:  # the forward and the choice ([sequences, vocabulary] scores): running out in either is the same
             out = self.model(
                 input_ids=tokens,
@@ -356,10 +375,12 @@ class Engine:
             if self._live is not None:
                 logits = logits.index_select(0, self._live)
                 seen = seen.index_select(0, self._live) if seen is not None else None
-            choice = self._chooser.choose(logits, self.seqs, seen)
+            choice = self._chooser.choose(logits, self.seqs, seen, masks)
         except _oom_errors() as e:
             error = first_line(e, 200)  # not the exception: its traceback holds the failed step's tensors
         if error is not None:
+            if masks is not None:
+                masks.wait()  # before any of its matchers is used again
             out = logits = seen = None  # the failed step's [rows, vocabulary] tensors go before evicting
             _free_memory()
             self.oom_events += 1

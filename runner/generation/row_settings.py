@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from runner.constraints import Constraint
 from runner.generation.sampling import Decoding
 
 FIELDS = {"max_new_tokens": "max_new_tokens", "seed": "seed", "num_return_sequences": "samples"}
@@ -58,4 +59,6 @@ class RowDecodings:
             changes.update({k: v for k, v in values.items() if k in SAMPLING})
         if "stop_strings" in values:
             changes["stop_strings"] = tuple(values["stop_strings"])
+        if "json_schema" in values:  # its own schema, over the job's constraint (if any)
+            changes["constraint"] = Constraint("json_schema", values["json_schema"])
         return dataclasses.replace(self.sampled if sampled else self.greedy, **changes)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runner.constraints import Constraint
 from runner.generation.processors import Banner, Rules
 
 # Transformers' own defaults when sampling and the config leaves a value unset (what generate used).
@@ -60,9 +61,12 @@ class Decoding:
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
     rules: Rules = Rules()  # the model's bans: n-grams, bad words, a minimum length
+    constraint: Constraint | None = None  # structured output: what every completion matches
 
     @classmethod
-    def from_generation_config(cls, config: Any, seed: int, logprobs: int | None = None) -> Decoding:
+    def from_generation_config(
+        cls, config: Any, seed: int, logprobs: int | None = None, constraint: Constraint | None = None
+    ) -> Decoding:
         """The config's settings; its stop_strings are the job's, or else the model's own."""
 
         def sampled(name: str) -> Any:
@@ -87,6 +91,7 @@ class Decoding:
             seed=seed,
             stop_strings=(stops,) if isinstance(stops, str) else tuple(stops),
             rules=Rules.from_generation_config(config, eos_ids),
+            constraint=constraint,
         )
 
 
@@ -112,18 +117,21 @@ class Chooser:
     def penalized(self) -> bool:
         return self.decoding.repetition_penalty not in (None, 1.0)
 
-    def choose(self, logits: Any, seqs: Sequence[Any], seen: Any = None) -> Choice:
+    def choose(self, logits: Any, seqs: Sequence[Any], seen: Any = None, masks: Any = None) -> Choice:
         """The next token of each sequence of `seqs`, each with `prompt` and `tokens` (its ids so far),
         `stream` (its random stream's key), `ngrams` (its `NgramTable`, with no_repeat_ngram_size) and
         `decoding` (its row's own `Decoding`, where it has settings of its own; else the chooser's).
 
         `seen`: with a repetition penalty, the [sequences, vocabulary] presence of each sequence's prompt
         and generated tokens (`presence`), kept by the caller as tokens are taken.
+        `masks`: the constrained sequences' token masks (`runner.generation.structured.Masks`), applied first.
         """
         import torch
 
         d = self.decoding
         scores = logits.float()
+        if masks is not None:
+            scores = masks.apply(scores)
         if self.banner is not None:
             scores = self.banner.ban(
                 scores, [s.prompt for s in seqs], [s.tokens for s in seqs], [s.ngrams for s in seqs]

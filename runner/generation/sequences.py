@@ -72,6 +72,7 @@ class Running:
     ngrams: NgramTable | None = None  # its n-grams so far, with no_repeat_ngram_size
     logprobs: list[float] = field(default_factory=list)  # with Decoding.logprobs
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    matcher: Any = None  # its llguidance matcher, where its row's completions are constrained
 
     @property
     def prompt(self) -> list[int]:
@@ -84,6 +85,8 @@ class Running:
         self.steps += 1
         if self.ngrams is not None:
             self.ngrams.add(token)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)  # a token it does not allow leaves it in error: the row fails
         if choice.logprobs is not None:
             self.logprobs.append(choice.logprobs[i])
         if choice.top is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runner.config import JobConfig, default_samples, has_row_settings
+from runner.config import JobConfig, default_samples, has_row_settings, has_structured_output
+from runner.constraints import job_constraint
 from runner.generation.sampling import SAMPLING_DEFAULTS, Decoding
 from runner.tasks import WorkerSetup
 
@@ -66,6 +67,9 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
         "worker": name,
         "device": device,
     }
+    if has_structured_output(setup.job):
+        constraint = job_constraint(gen)
+        columns["structured_output"] = constraint.text if constraint is not None else None
     if has_row_settings(setup.job):
         stops = generation_config.stop_strings or []
         columns["stop_strings"] = [stops] if isinstance(stops, str) else list(stops)
@@ -92,7 +96,11 @@ def row_columns(static: dict[str, Any], d: Decoding) -> dict[str, Any]:
             config.pop(k, None)
     if not d.stop_strings:
         config.pop("stop_strings")
+    own = {"structured_output": d.constraint.text if d.constraint is not None else None}
+    if "structured_output" not in static:
+        own = {}
     return {
+        **own,
         **sampled,
         "do_sample": d.do_sample,
         "max_new_tokens": d.max_new_tokens,

@@ -23,7 +23,8 @@ from typing import Any
 import pyarrow as pa
 
 from runner import faults, store
-from runner.config import has_row_settings
+from runner.config import has_row_settings, has_structured_output
+from runner.constraints import job_constraint
 from runner.generation import scoring, shard_rows
 from runner.generation.row_settings import RowDecodings
 from runner.generation.settings import build_generation_config, row_columns, static_columns
@@ -219,12 +220,14 @@ class ShardGenerator:
         )
         self.limits.max_tokens = b.max_batch_tokens if b.max_batch_tokens is not None else self.memory_budget
         self.limits.step_cost_tokens = b.step_cost_tokens
-        decoding = Decoding.from_generation_config(self.generation_config, job.generation.seed, job.generation.logprobs)
+        gen = job.generation
+        constraint = job_constraint(gen)
+        decoding = Decoding.from_generation_config(self.generation_config, gen.seed, gen.logprobs, constraint)
         sampled = decoding
-        if not job.generation.do_sample:  # what a row of its own temperature > 0 samples with
-            as_sampled = dataclasses.replace(job, generation=dataclasses.replace(job.generation, do_sample=True))
+        if not gen.do_sample:  # what a row of its own temperature > 0 samples with
+            as_sampled = dataclasses.replace(job, generation=dataclasses.replace(gen, do_sample=True))
             config = build_generation_config(self.model.generation_config, as_sampled, self.tokenizer)
-            sampled = Decoding.from_generation_config(config, job.generation.seed, job.generation.logprobs)
+            sampled = Decoding.from_generation_config(config, gen.seed, gen.logprobs, constraint)
         self.row_decodings = RowDecodings(decoding, sampled)
         # The job's own settings are all applied (the config schema has no others); these come from the
         # model's generation_config.json. They are named in the log, the run's summary and its manifest.
@@ -241,6 +244,7 @@ class ShardGenerator:
             has_row_settings(job),
             bool(setup.adapters),
             job.generation.prompt_logprobs,
+            has_structured_output(job),
         )
         self.static_columns = static_columns(setup, self.generation_config, self.device, self.name)
 

@@ -7,6 +7,7 @@ become the row's own settings (`runner.input.settings`):
 
     max_completion_tokens, max_tokens -> max_new_tokens     temperature -> temperature (0: greedy)
     top_p -> top_p        n -> num_return_sequences        stop -> stop_strings        seed -> seed
+    response_format {"type": "json_schema" | "json_object"} -> the row's own JSON schema (structured output)
 
 A request without `n` asks for one sample, as the Batch API's do (`generation.num_return_sequences` is
 the most any request may ask for); one without another setting takes the job's.
@@ -39,6 +40,7 @@ SETTINGS = {  # body key -> the row setting it is
     "seed": "seed",
 }
 WITHOUT_EFFECT = ("model", "user", "metadata", "store")
+RESPONSE_SCHEMAS = ("json_schema", "json_object")  # response_format types that constrain the row's completion
 
 
 @dataclass
@@ -118,6 +120,13 @@ def _request(request: Any, gen: GenerationSettings, rows: BatchRows, number: int
                 problems.append(f"body.{key}={value!r}: another key of the body sets {name} to {settings[name]!r}")
             settings[name] = value if value is not None else settings.get(name)
             continue
+        if key == "response_format" and isinstance(value, dict) and value.get("type") in RESPONSE_SCHEMAS:
+            schema, problem = _response_schema(value)
+            if problem:
+                problems.append(problem)
+            else:
+                settings["json_schema"] = schema
+            continue
         problem = _without_effect(key, value, body, gen, chat)
         if problem:
             problems.append(problem)
@@ -133,6 +142,22 @@ def _request(request: Any, gen: GenerationSettings, rows: BatchRows, number: int
     rows.urls.append(url)
     rows.lines.append(number)
     return []
+
+
+def _response_schema(value: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A `response_format`'s JSON schema as text (checked with the row's other settings), or what is wrong.
+
+    `json_object` is any JSON object; `json_schema` is `{"name", "schema", "strict"}`, enforced whether
+    `strict` is set or not (a constrained completion always matches its schema)."""
+    if value["type"] == "json_object":
+        return json.dumps({"type": "object"}), None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        return None, (
+            'body.response_format: a "json_schema" response format needs {"json_schema": {"name": ..., '
+            '"schema": {...}}}'
+        )
+    return json.dumps(spec["schema"]), None
 
 
 def _without_effect(key: str, value: Any, body: dict[str, Any], gen: GenerationSettings, chat: bool) -> str | None:

@@ -24,7 +24,7 @@ from runner.input import openai_batch
 from runner.input.models import load_tokenizer
 from runner.input.render import cut_user_text, render_and_tokenize, user_text
 from runner.input.rows import Prompts, parse_chunk, prompts_from_table
-from runner.input.settings import SETTINGS, check_settings, from_columns, samples_per_row
+from runner.input.settings import SETTINGS, check_settings, from_columns, row_schemas, samples_per_row
 from runner.secrets import apply_submitted_env
 
 LONGEST = 5  # longest prompts each chunk reports (the dry run shows them)
@@ -188,6 +188,11 @@ def _read_batch(chunk: Any, spec: PrepareSpec, tokenizer: Any) -> Read:
     The carried `url` column says which each row was (what `jobs/export.py` answers it with).
     """
     batch = openai_batch.parse(chunk, spec.generation)
+    schemas, problems = row_schemas([s.get("json_schema") for s in batch.settings], batch.ids, "body.response_format")
+    for row, schema in zip(batch.settings, schemas):
+        row["json_schema"] = schema
+    if problems:
+        raise ConfigError(problems)
     settings, problems = check_settings(batch.settings, batch.ids, spec.generation, batch.source)
     if problems:
         raise ConfigError(problems)
@@ -249,10 +254,17 @@ def _row_settings(table: pa.Table, ids: list[str], spec: PrepareSpec) -> pa.Arra
     Raises:
         ConfigError: a mapped column is missing, or rows hold values that are not good settings.
     """
-    mapping = spec.dataset.settings_columns
-    if not mapping:
+    mapping, column = spec.dataset.settings_columns, spec.dataset.schema_column
+    if not mapping and not column:
         return None
-    values, problems = from_columns(table, mapping)
+    values, problems = from_columns(table, mapping) if mapping else ([{} for _ in ids], [])
+    if column and not problems:
+        if column not in table.column_names:
+            problems = [f"dataset.schema_column={column!r}: no such column; the columns are {table.column_names}"]
+        else:
+            schemas, problems = row_schemas(table.column(column).to_pylist(), ids, f"dataset.schema_column={column!r}")
+            for row, schema in zip(values, schemas):
+                row["json_schema"] = schema
     if not problems:
         settings, problems = check_settings(
             values, ids, spec.generation, lambda k: f"dataset.settings_columns.{k}={mapping[k]!r}"

@@ -28,6 +28,7 @@ SETTING_TYPES = {
     "seed": pa.int64(),
     "stop_strings": pa.list_(pa.string()),
     "num_return_sequences": pa.int32(),
+    "json_schema": pa.string(),  # its own schema (runner.constraints), as canonical JSON text
 }
 SETTINGS_TYPE = pa.struct([pa.field(k, t) for k, t in SETTING_TYPES.items()])
 MAX_SEED = 2**63 - 1
@@ -67,6 +68,7 @@ def _checks(gen: GenerationSettings) -> dict[str, tuple[Callable[[Any], bool], s
             f"an integer from 1 to generation.num_return_sequences={gen.num_return_sequences} (the most any row "
             "may ask for: raise it, with generation.do_sample=true, to let rows ask for more)",
         ),
+        "json_schema": (lambda v: isinstance(v, str), "a JSON schema"),  # read and compiled by `row_schemas`
     }
 
 
@@ -82,6 +84,42 @@ def from_columns(table: pa.Table, mapping: dict[str, str]) -> tuple[list[dict[st
         return [], [f"{m}: no such column; the columns are {', '.join(table.column_names)}" for m in missing]
     columns = {k: [_from_text(k, v) for v in table.column(c).to_pylist()] for k, c in mapping.items()}
     return [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else [], []
+
+
+def row_schemas(values: list[Any], ids: list[str], source: str) -> tuple[list[str | None], list[str]]:
+    """Each row's own JSON schema (`runner.constraints.row_schema`) as canonical text (None: the job's), and
+    the problems: rows whose value is not a schema llguidance compiles, by id, with the first one's reason.
+
+    `source`: where the values come from, for messages. Each distinct schema is compiled once.
+    """
+    from runner.constraints import row_schema
+
+    checked: dict[str, str | None] = {}  # canonical text -> why it does not compile (None: it does)
+    out: list[str | None] = []
+    bad: list[str] = []
+    reason = ""
+    for row_id, value in zip(ids, values):
+        try:
+            constraint = row_schema(value)
+        except ValueError as e:
+            constraint, problem = None, str(e)
+        else:
+            problem = None
+            if constraint is not None:
+                if constraint.value not in checked:
+                    checked[constraint.value] = constraint.problem()
+                problem = checked[constraint.value]
+        if problem:
+            bad.append(repr(row_id))
+            reason = reason or f"{row_id!r}: {problem}"
+        out.append(constraint.value if constraint is not None and not problem else None)
+    if not bad:
+        return out, []
+    return out, [
+        f"{source}: {len(bad)} rows hold a value that is not a JSON schema llguidance compiles, by id: "
+        f"{listing(bad, SHOW)} (the first: {reason}); give each row a JSON schema object, as JSON text or an "
+        "object, or null for the job's"
+    ]
 
 
 def _from_text(setting: str, value: Any) -> Any:

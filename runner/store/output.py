@@ -93,6 +93,9 @@ SETTINGS_FIELDS = [
     pa.field("stop_strings", pa.list_(pa.string()), nullable=False),
     pa.field("num_return_sequences", pa.int32(), nullable=False),
 ]
+# Only in jobs with structured output: each row's constraint, {"json_schema" | "regex" | "choice": ...}
+# as JSON text (null: its completion was free).
+STRUCTURED_FIELD = pa.field("structured_output", pa.string())
 
 
 def contract_fields(
@@ -101,11 +104,13 @@ def contract_fields(
     settings: bool = False,
     many_adapters: bool = False,
     scoring: bool = False,
+    structured: bool = False,
 ) -> list[pa.Field]:
     """The runner's own columns of a data file, in order (the optional ones where the job has them)."""
     return (
         BASE_FIELDS
         + (SETTINGS_FIELDS if settings else [])
+        + ([STRUCTURED_FIELD] if structured else [])
         + ([ADAPTERS_FIELD] if many_adapters else [ADAPTER_FIELD] if adapter else [])
         + (LOGPROB_FIELDS if logprobs else [])
         + (PROMPT_LOGPROB_FIELDS if scoring else [])
@@ -113,11 +118,17 @@ def contract_fields(
 
 
 def reserved_columns(
-    logprobs: bool = False, adapter: bool = False, settings: bool = False, scoring: bool = False
+    logprobs: bool = False,
+    adapter: bool = False,
+    settings: bool = False,
+    scoring: bool = False,
+    structured: bool = False,
 ) -> frozenset[str]:
     """Names no carried input column may keep (it is carried as input_NAME): the job's own columns only,
     so an input column named like an optional one stays as it is in jobs without that option."""
-    return frozenset(f.name for f in contract_fields(logprobs, adapter, settings, scoring=scoring))
+    return frozenset(
+        f.name for f in contract_fields(logprobs, adapter, settings, scoring=scoring, structured=structured)
+    )
 
 
 def output_schema(
@@ -128,13 +139,14 @@ def output_schema(
     settings: bool = False,
     many_adapters: bool = False,
     scoring: bool = False,
+    structured: bool = False,
 ) -> pa.Schema:
     """The explicit schema of every data file: contract columns, then the carried input columns."""
-    reserved = reserved_columns(logprobs, adapter or many_adapters, settings, scoring)
+    reserved = reserved_columns(logprobs, adapter or many_adapters, settings, scoring, structured)
     clash = [n for n in carry_schema.names if n in reserved]
     if clash:
         raise ValueError(f"carried input columns clash with output columns: {clash}")
-    fields = contract_fields(logprobs, adapter, settings, many_adapters, scoring)
+    fields = contract_fields(logprobs, adapter, settings, many_adapters, scoring, structured)
     return pa.schema(fields + list(carry_schema), metadata=metadata)
 
 

@@ -54,6 +54,8 @@ def verify_run(uri: str) -> Verdict:
         own_settings,
         bool(config.get("model", {}).get("adapters")),
         bool(config.get("generation", {}).get("prompt_logprobs")),
+        any(config.get("generation", {}).get(k) is not None for k in ("json_schema", "regex", "choice"))
+        or bool(dataset.get("schema_column")),
     )
     readable = []
     for name in sorted(set(listed) & present):

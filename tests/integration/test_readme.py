@@ -63,6 +63,11 @@ ELSEWHERE = [
         "tests/integration/test_openai_batch_job.py",
         '"dataset.format=openai_batch"',
     ),
+    (
+        ".venv/bin/python jobs/generate.py dataset.path=my_prompts.jsonl generation.json_schema=",
+        "tests/integration/test_structured_job.py",
+        '"generation.json_schema=conf/schemas/place.json"',
+    ),
     # the dry run (Ray and preparers, 11 s): run over a folder of files by the streaming tests
     (".venv/bin/python jobs/plan.py", "tests/integration/test_streaming.py", '"jobs/plan.py"'),
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),

@@ -136,6 +136,19 @@ def test_keys_added_for_rows_settings_adapters_and_scoring_hash_only_when_used()
     assert config_hash(compose_job("dataset.format=openai_batch")) != config_hash(plain)
 
 
+def test_a_json_schema_hashes_by_what_it_holds_not_where_it_lies(tmp_path):
+    """Inline or from a file (read once, on the driver, into the job's config): one schema, one hash."""
+    path = tmp_path / "schema.json"
+    path.write_text('{"type": "object",\n "properties": {"a": {"type": "integer"}}}')
+    from_file = validate(compose_job(f"generation.json_schema={path}"))
+    assert from_file.generation.json_schema == {"type": "object", "properties": {"a": {"type": "integer"}}}
+    inline = validate(compose_job("generation.json_schema={type: object, properties: {a: {type: integer}}}"))
+    assert config_hash(from_file) == config_hash(inline) != config_hash(compose_job())
+    other = validate(compose_job("generation.json_schema={type: object, properties: {a: {type: string}}}"))
+    assert config_hash(other) != config_hash(inline)
+    assert len({config_hash(validate(compose_job(k))) for k in ("generation.regex=a+", "generation.choice=[a]")}) == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
@@ -152,8 +165,31 @@ def test_keys_added_for_rows_settings_adapters_and_scoring_hash_only_when_used()
         (["+dataset.settings_columns.beams=temp"], "not a setting rows can hold"),
         (["+model.adapters.a=/x"], "model.adapters and dataset.adapter_column go together"),
         (["dataset.format=openai_batch", "dataset.adapter_column=lora", "+model.adapters.a=/x"], "no columns"),
+        (["generation.regex=a+", "generation.choice=[a,b]"], "give one constraint, not several"),
+        (["generation.regex='[0-9'"], "llguidance cannot compile it"),
+        (["generation.json_schema=/no/such/schema.json"], "no such file"),
+        (["generation.choice=[]"], "non-empty list of non-empty strings"),
+        (
+            ["generation.max_new_tokens=0", "generation.prompt_logprobs=true", "dataset.schema_column=s"],
+            "a scoring job generates nothing to constrain",
+        ),
+        (["dataset.format=openai_batch", "dataset.schema_column=s"], "response_format"),
     ],
-    ids=["nothing-to-do", "generating", "logprobs", "row-settings", "unknown-setting", "adapters-alone", "batch"],
+    ids=[
+        "nothing-to-do",
+        "generating",
+        "logprobs",
+        "row-settings",
+        "unknown-setting",
+        "adapters-alone",
+        "batch",
+        "two-constraints",
+        "bad-regex",
+        "no-schema-file",
+        "no-choices",
+        "scoring-constrained",
+        "batch-schema-column",
+    ],
 )
 def test_settings_that_do_not_go_together_are_refused(overrides, says):
     with pytest.raises(ConfigError, match=says):

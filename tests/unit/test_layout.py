@@ -20,7 +20,7 @@ NO_TORCH = (
     "runner/cluster/",
     "runner/store/",
     "runner/report/",
-    *(f"runner/{m}.py" for m in ("config", "errors", "tasks", "plan", "secrets", "cli", "faults")),
+    *(f"runner/{m}.py" for m in ("config", "constraints", "errors", "tasks", "plan", "secrets", "cli", "faults")),
 )
 
 

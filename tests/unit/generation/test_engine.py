@@ -219,10 +219,10 @@ def squeeze(monkeypatch, model, engine_, where: str) -> None:
     elif where == "choosing":
         choose = engine_._chooser.choose
 
-        def tight_choice(logits, seqs, seen=None):
+        def tight_choice(logits, seqs, seen=None, masks=None):
             if len(seqs) > 1:
                 raise out_of_memory(where)
-            return choose(logits, seqs, seen)
+            return choose(logits, seqs, seen, masks)
 
         monkeypatch.setattr(engine_._chooser, "choose", tight_choice)
     elif where == "growing":  # a layer past the first must grow its buffer (room for 2 positions at a time)

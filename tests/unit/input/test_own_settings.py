@@ -47,6 +47,7 @@ def test_bad_values_of_mapped_columns_are_named_by_row_and_text_is_read_as_numbe
         "seed": None,
         "stop_strings": None,
         "num_return_sequences": 1,
+        "json_schema": None,
     }
     assert set(own[1].values()) == {None}
     meta, _ = prepared(tokenizer, tiny_llama_dir, good, id_column="id", settings_columns={"top_p": "nucleus"})
@@ -96,3 +97,51 @@ def test_batch_requests_are_refused_by_line_and_key_and_n_is_held_to_the_jobs_mo
     assert rows.column("url").to_pylist() == ["/v1/chat/completions", "/v1/completions"]
     assert rows.column("prompt").to_pylist()[1] == "Once"  # a completion's prompt as it is
     assert rows.column("__settings").to_pylist()[0]["stop_strings"] == ["\n"]
+
+
+def test_rows_own_schemas_are_read_as_text_or_objects_and_bad_ones_named_by_row(tokenizer, tiny_llama_dir, tmp_path):
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    path = tmp_path / "p.jsonl"
+    for values in ([json.dumps(schema), None, ""], [schema, None, None]):  # JSON text, or objects
+        lines = [json.dumps({"id": f"r{i}", "prompt": "x", "schema": v}) + "\n" for i, v in enumerate(values)]
+        path.write_text("".join(lines))
+        meta, rows = prepared(tokenizer, tiny_llama_dir, path, id_column="id", schema_column="schema")
+        assert not meta.problems
+        own = [s["json_schema"] for s in rows.column("__settings").to_pylist()]
+        assert own == [json.dumps(schema), None, None]  # properties keep their order
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,prompt,schema\na,x,"{""type"": ""objectx""}"\nb,x,{oops\nc,x,[1]\nd,x,\n')
+    meta, rows = prepared(tokenizer, tiny_llama_dir, bad, id_column="id", schema_column="schema")
+    assert rows is None
+    text = "\n".join(meta.problems)
+    assert "dataset.schema_column='schema': 3 rows" in text and "'a', 'b', 'c'" in text and "Invalid type" in text
+    meta, _ = prepared(tokenizer, tiny_llama_dir, bad, id_column="id", schema_column="nope")
+    assert "no such column" in meta.problems[0]
+
+
+def test_a_batch_lines_response_format_is_its_rows_schema(tokenizer, tiny_llama_dir, tmp_path):
+    schema = {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}
+    formats = [
+        {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}},
+        {"type": "json_object"},
+        {"type": "text"},
+    ]
+    path = tmp_path / "batch.jsonl"
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}], "response_format": f},
+        }
+        for i, f in enumerate(formats)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    meta, rows = prepared(tokenizer, tiny_llama_dir, path, format="openai_batch")
+    assert not meta.problems, meta.problems
+    own = [s["json_schema"] for s in rows.column("__settings").to_pylist()]
+    assert own == [json.dumps(schema), json.dumps({"type": "object"}), None]
+    lines[0]["body"]["response_format"] = {"type": "json_schema", "json_schema": {"name": "t"}}
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    meta, rows = prepared(tokenizer, tiny_llama_dir, path, format="openai_batch")
+    assert rows is None and "response_format" in "\n".join(meta.problems)
