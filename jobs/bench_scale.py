@@ -9,11 +9,16 @@ makes it unique), then:
      first shard file is committed, then it runs --run-seconds more and is stopped; the
      driver's peak RSS and the whole job's peak memory (PSS summed over the driver and every
      process it started: Ray's servers, preparers, workers, so shared memory counts once).
+  3. with --resume (the resume at scale): the job on the tiny random model of the tests (its forward costs
+     nothing: what is timed is the data path), until every shard of its first window is committed (the
+     window's record, `_windows/window-000000.json`, names them), then killed and run again: seconds until
+     the rerun commits its first new shard, against the fresh job's first shard.
 Prints a table and writes it as JSON and markdown.
 
 Usage:
     python jobs/bench_scale.py                                  # N = 10k, 100k, 1M
     python jobs/bench_scale.py --sizes 10000 --run-seconds 20   # a quick look
+    python jobs/bench_scale.py --sizes 1000000 --skip dry,job --resume
 """
 
 from __future__ import annotations
@@ -164,6 +169,59 @@ def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: fl
     }
 
 
+def resume_at_scale(prompts: Path, out_dir: Path, overrides: list[str], timeout: float) -> dict:
+    """The fresh job until its first window is committed, killed; then the rerun until its first new shard."""
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import tiny_llama
+
+    cmd = [
+        sys.executable,
+        "jobs/generate.py",
+        f"dataset.path={prompts}",
+        "dataset.id_column=id",
+        f"output.dir={out_dir}",
+        f"model.name_or_path={tiny_llama()}",
+        "model.quantization=none",
+        *overrides,
+    ]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    record = out_dir / "_windows" / "window-000000.json"
+
+    def run(until) -> tuple[float | None, float]:
+        started = time.time()
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        first, seen = None, {f.name for f in out_dir.glob("part-*.parquet")}
+        while proc.poll() is None and time.time() - started < timeout:
+            if first is None and any(f.name not in seen for f in out_dir.glob("part-*.parquet")):
+                first = time.time() - started
+            if first is not None and until():
+                break
+            time.sleep(0.2)
+        if proc.poll() is not None and proc.returncode:
+            raise RuntimeError(f"the job failed:\n{proc.stderr.read()[-3000:]}")
+        stop_tree(proc)
+        return first, time.time() - started
+
+    def first_window_committed() -> bool:
+        if not record.exists():
+            return False
+        names = [shard[1] for shard in json.loads(record.read_text())["shards"]]
+        return all((out_dir / name).exists() for name in names)
+
+    fresh_first, fresh_s = run(first_window_committed)
+    committed = len(list(out_dir.glob("part-*.parquet")))
+    resumed_first, _ = run(lambda: True)
+    return {
+        "fresh_first_shard_s": round(fresh_first, 1) if fresh_first is not None else None,
+        "first_window_committed_s": round(fresh_s, 1),
+        "shards_committed_before_kill": committed,
+        "resumed_first_new_shard_s": round(resumed_first, 1) if resumed_first is not None else None,
+        "resume_ratio": round(resumed_first / fresh_first, 2) if fresh_first and resumed_first else None,
+    }
+
+
 def table(results: list[dict]) -> str:
     head = (
         "| prompts | dry run s | prepare rows/s | dry-run driver RSS MiB | padding windowed | padding global "
@@ -188,6 +246,7 @@ def main() -> int:
     parser.add_argument("--run-seconds", type=float, default=30.0, help="how long the job runs after its first shard")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up on a first shard after this long")
     parser.add_argument("--skip", default="", help="dry,job: parts not to run")
+    parser.add_argument("--resume", action="store_true", help="also time a resume after the first window")
     parser.add_argument("--out", default="outputs/bench_scale")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
@@ -201,9 +260,18 @@ def main() -> int:
             result.update(dry_run(prompts, overrides))
         if "job" not in args.skip:
             result.update(real_job(prompts, out / f"run-{n}", overrides, args.run_seconds, args.timeout))
+        if args.resume:
+            result.update(resume_at_scale(prompts, out / f"resume-{n}", overrides, 4 * args.timeout))
         results.append(result)
         print(json.dumps(result), flush=True)
     text = table(results)
+    if args.resume:
+        text += "\n\n| prompts | fresh: first shard s | first window committed s | rerun: first new shard s | ratio |\n"
+        text += "|---|---|---|---|---|\n" + "\n".join(
+            f"| {r['prompts']:,} | {r['fresh_first_shard_s']} | {r['first_window_committed_s']} "
+            f"| {r['resumed_first_new_shard_s']} | {r['resume_ratio']}x |"
+            for r in results
+        )
     print("\n" + text)
     (out / "bench_scale.json").write_text(json.dumps(results, indent=2))
     (out / "bench_scale.md").write_text(text + "\n")

@@ -7,6 +7,8 @@ Nothing is injected unless the environment variable RUNNER_FAULTS holds a JSON o
     {"shard_hang": {"2": 1}}          shard 2's worker sleeps forever in its first attempt
     {"row_error": ["q-7"]}            decoding the row with id q-7 raises (only that row fails)
     {"write_error": {"part-000001": 2}}  the first 2 writes of files named part-000001* fail (OSError)
+    {"prepare_delay": 4}              preparing each chunk of input takes 4 s more (slow preparation:
+                                      later windows are still being prepared while workers generate)
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def on_shard(shard_id: int, attempt: int) -> None:
     if attempt <= int(f.get("shard_hang", {}).get(str(shard_id), 0)):
         while True:
             time.sleep(60)
+
+
+def on_prepare() -> None:
+    """Sleep as long as a test asked each chunk's preparation to take more."""
+    delay = float(_faults().get("prepare_delay", 0))
+    if delay:
+        time.sleep(delay)
 
 
 def failing_rows() -> frozenset[str]:

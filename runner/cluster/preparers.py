@@ -11,13 +11,23 @@ driver plans. The prepared rows stay in the object store: the driver gets each c
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, RawChunk
 
 MAX_PREPARERS = 16  # preparation actors at most, however many CPUs the cluster has
+PREPARE_ATTEMPTS = 3  # times a chunk lost with its node is prepared again before the job gives up
+log = logging.getLogger(__name__)
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ObjectLostError, RayActorError
+
+    return (ObjectLostError, RayActorError)  # ObjectLostError covers reconstruction that failed too
 
 
 def prepare_on_cluster(
@@ -31,30 +41,69 @@ def prepare_on_cluster(
     """
     import ray
 
+    lost_errors = _lost_errors()
     count = min(MAX_PREPARERS, max(1, int(ray.cluster_resources().get("CPU", 1))))
-    # A preparer whose node is lost is started again elsewhere and its chunks prepared again (they are
-    # deterministic): without restarts a lost node ended the job with a raw traceback.
+    # A preparer whose node is lost is started again elsewhere (max_restarts), and a chunk it was preparing
+    # or had prepared there is prepared again (chunks are deterministic): `result` below, and Ray's lineage
+    # reconstruction for rows a worker fetches later (max_task_retries).
     preparer = ray.remote(ChunkPreparer).options(
         num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1
     )
     actors: list[Any] = []  # started as chunks come: an input of one chunk starts one preparer, not one per CPU
-    pending: deque = deque()
-    sent = 0
+    pending: deque[_Pending] = deque()
+    sent = submitted = 0
+
+    def submit(p: _Pending) -> None:
+        nonlocal submitted
+        p.meta, p.rows = actors[submitted % len(actors)].prepare.options(num_returns=2).remote(p.chunk, p.background)
+        submitted += 1
+
+    def result(p: _Pending) -> tuple[ChunkMeta, Any]:
+        while True:
+            try:
+                return ray.get(p.meta), p.rows
+            except lost_errors as e:
+                p.attempts += 1
+                if p.attempts >= PREPARE_ATTEMPTS:
+                    raise
+                c = p.chunk
+                log.warning(
+                    "rows %d-%d (%s) were lost with their node before they were planned (%s): preparing them "
+                    "again (try %d of %d)",
+                    c.first_row,
+                    c.first_row + c.rows - 1,
+                    c.file,
+                    type(e).__name__,
+                    p.attempts + 1,
+                    PREPARE_ATTEMPTS,
+                )
+                submit(p)
+
     try:
-        for k, chunk in enumerate(chunks):
+        for chunk in chunks:
             if len(actors) < count:
                 actors.append(preparer.remote(spec))
             background, sent = sent >= first_rows, sent + chunk.rows
-            pending.append(actors[k % count].prepare.options(num_returns=2).remote(chunk, background))
+            pending.append(_Pending(chunk, background))
+            submit(pending[-1])
             if len(pending) >= 2 * count + 2:
-                meta_ref, rows_ref = pending.popleft()
-                yield ray.get(meta_ref), rows_ref
+                yield result(pending.popleft())
         while pending:
-            meta_ref, rows_ref = pending.popleft()
-            yield ray.get(meta_ref), rows_ref
+            yield result(pending.popleft())
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+@dataclass
+class _Pending:
+    """A chunk sent to a preparer: its refs, and how many times it was prepared."""
+
+    chunk: RawChunk
+    background: bool
+    meta: Any = None
+    rows: Any = None
+    attempts: int = 0
 
 
 def fetch(ref: Any) -> Any:

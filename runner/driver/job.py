@@ -82,7 +82,8 @@ def run_job(job: JobConfig, progress: bool | None = None, session: Session | Non
         lease = store.acquire_lease(st.out, st.run_id, job.output.lease_timeout_s)  # before touching any file
         existing = _existing(st)
         session.warm_workers(st.job, st.model_path, st.model_revision, st.adapter_key)
-        stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job))
+        records = store.WindowRecords(st.out, st.config_hash, st.model_revision)
+        stream = JobStream(job, st.spec, st.config_hash, existing, cached=session.cached_chunks(job), records=records)
         bar = ProgressBar(0, enabled=progress)
         _generate(st, stream, bar, session, lease.check)
         if stream.single_window is not None:

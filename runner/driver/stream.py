@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,13 @@ from runner import cluster, plan, store
 from runner.config import JobConfig, default_samples, planned_batch_rows
 from runner.driver.seen_ids import SeenIds
 from runner.errors import SHOW, ConfigError, listing
-from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, read_chunks, resolve_source
+from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, chunk_digest, read_chunks, resolve_source
 from runner.secrets import redact
 from runner.tasks import ShardTask
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096  # rows one preparation call handles
+COUNTED = ("rows", "prompt_tokens", "padded_prompt_tokens", "truncated")  # what a window's record counts
 
 
 @dataclass
@@ -49,6 +51,7 @@ class PlanStats:
     windows: int = 0
     truncated: int = 0
     committed_shards: int = 0  # already in output.dir from an earlier run
+    skipped_windows: int = 0  # committed windows counted from their records, not prepared again
     committed_rows: int = 0
     outputs: int = 0  # output rows: each input row's samples (num_return_sequences, the job's or its own)
     committed_outputs: int = 0
@@ -79,6 +82,8 @@ class JobStream:
         spec: what preparing a chunk needs.
         config_hash: mixed into every shard's fingerprint, so another config plans other files.
         existing: what output.dir already holds (None: plan everything, a dry run).
+        records: the run directory's window records: committed windows are skipped unprepared, and each
+            window planned is recorded (None: neither, a dry run).
         cached: prepared chunks of the same input from an earlier job of this process (a sweep).
         keep_lengths: keep every prompt length (to compare the windowed plan with a global sort).
     """
@@ -92,8 +97,12 @@ class JobStream:
         cached: list[tuple[ChunkMeta, Any]] | None = None,
         keep_lengths: bool = False,
         use_ray: bool = True,
+        records: store.WindowRecords | None = None,
     ):
         self.job, self.spec, self.config_hash, self.existing = job, spec, config_hash, existing
+        self.records = records
+        self._digests: dict[int, str] = {}  # raw digest of each window read and not yet planned
+        self._window_ids: dict[int, Any] = {}  # id hashes of committed windows read and not yet counted
         self.cached = cached
         self.use_ray = use_ray
         self.chunk_rows = min(CHUNK_ROWS, job.batching.sort_window)  # a window is whole chunks
@@ -107,40 +116,160 @@ class JobStream:
 
     def windows(self) -> Iterator[list[ShardTask]]:
         """Each window's shard tasks still to run (committed ones skipped), largest shard first."""
-        window: list[tuple[ChunkMeta, Any]] = []
-        rows, count = 0, 0
-        for meta, rows_ref in self._prepared():
-            window.append((meta, rows_ref))
-            rows += meta.rows
-            if rows >= self.job.batching.sort_window:
-                count += 1
-                yield self._plan_window(window)
-                window, rows = [], 0
+        count = 0
+        first = None
+        for window in self._prepared():
+            count += 1
+            if isinstance(window, store.WindowRecord):  # committed: skipped unprepared
+                yield self._skip_window(window)
+                continue
+            first = window if count == 1 else None
+            yield self._plan_window(window, count - 1)
         self.stats.prepared_s = time.time() - self.stats.started
-        if window or count == 0:
-            if count == 0:
-                self.single_window = list(window)
-            yield self._plan_window(window)
+        if count == 0:
+            yield self._plan_window([], 0)
+        self.single_window = first if count == 1 else None
+        if self.stats.skipped_windows:
+            log.warning(
+                "resuming: %d of %d windows are committed and were not prepared again",
+                self.stats.skipped_windows,
+                count,
+            )
         self.finished = True
 
-    def _prepared(self) -> Iterator[tuple[ChunkMeta, Any]]:
-        if self.cached is not None:
-            yield from self.cached
-            return
-        source = resolve_source(self.job.dataset)
-        chunks = read_chunks(source, self.job.dataset, self.chunk_rows)
-        if not self.use_ray:
-            local = ChunkPreparer(self.spec)
-            for chunk in chunks:
-                yield local.prepare(chunk)
-            return
-        yield from cluster.prepare_on_cluster(self.spec, chunks, first_rows=self.job.batching.sort_window)
+    def _prepared(self) -> Iterator[list[tuple[ChunkMeta, Any]] | store.WindowRecord]:
+        """Each window in input order: its prepared chunks, or the record of a committed one (not prepared).
 
-    def _plan_window(self, window: list[tuple[ChunkMeta, Any]]) -> list[ShardTask]:
+        Raw chunks are gathered into windows of at least `batching.sort_window` rows as they are read. A
+        window with no record of an earlier run goes to the preparers chunk by chunk as it is read; one with
+        a record is read whole first, and not prepared if its raw rows are what that run planned into
+        shards that are all committed (`_committed_window`).
+        """
+        size = self.job.batching.sort_window
+        if self.cached is not None:
+            window: list[tuple[ChunkMeta, Any]] = []
+            for item in self.cached:
+                window.append(item)
+                if sum(m.rows for m, _ in window) >= size:
+                    yield window
+                    window = []
+            if window:
+                yield window
+            return
+        chunks = read_chunks(resolve_source(self.job.dataset), self.job.dataset, self.chunk_rows)
+        order: deque[store.WindowRecord | int] = deque()  # per window read: its record, or its chunks to prepare
+        if self.use_ray:
+            prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), first_rows=size)
+        else:
+            local = ChunkPreparer(self.spec)
+            prepared = (local.prepare(chunk) for chunk in self._to_prepare(chunks, order))
+        ready: deque[tuple[ChunkMeta, Any]] = deque()
+        done = False
+
+        def pull() -> None:  # one more chunk prepared (reading on, so more windows are known)
+            nonlocal done
+            try:
+                ready.append(next(prepared))
+            except StopIteration:
+                done = True
+
+        while True:
+            while not order and not done:
+                pull()
+            if not order:
+                return
+            entry = order.popleft()
+            if isinstance(entry, store.WindowRecord):
+                yield entry
+                continue
+            while len(ready) < entry:
+                pull()
+            yield [ready.popleft() for _ in range(entry)]
+
+    def _to_prepare(self, chunks: Iterator[Any], order: deque) -> Iterator[Any]:
+        """The raw chunks to prepare; appends to `order`, per window, its record (skipped) or its chunk count."""
+        index, held, digest, taken = 0, 0, None, []
+        streaming = True
+        for chunk in chunks:
+            if not taken:  # a window starts
+                streaming = self.records is None or not self.records.has(index)
+            if self.records is not None:
+                digest = chunk_digest(chunk, digest)
+            taken.append(chunk)
+            held += chunk.rows
+            if streaming:
+                yield chunk
+            if held >= self.job.batching.sort_window:
+                yield from self._window_read(index, taken, digest, streaming, order)
+                index, held, digest, taken = index + 1, 0, None, []
+        if taken:
+            yield from self._window_read(index, taken, digest, streaming, order)
+
+    def _window_read(self, index: int, taken: list[Any], digest: Any, streaming: bool, order: deque) -> Iterator[Any]:
+        if digest is not None:
+            self._digests[index] = digest.hexdigest()  # recorded with the window once it is planned
+        record = None if streaming else self._committed_window(index)
+        if record is not None:
+            order.append(record)
+            return
+        order.append(len(taken))
+        if not streaming:
+            yield from taken
+
+    def _committed_window(self, index: int) -> store.WindowRecord | None:
+        """The record of a window an earlier run planned from these raw rows, if all its shards are committed."""
+        if self.records is None or self.existing is None:
+            return None
+        record = self.records.get(index, self._digests[index])
+        if record is None or any(name in self.existing.redo for _, name, _, _ in record.shards):
+            return None
+        if not all(self.existing.committed(shard_id, name) for shard_id, name, _, _ in record.shards):
+            return None
+        ids = self.records.ids(record)
+        if ids is None:
+            return None
+        self._window_ids[index] = ids
+        del self._digests[index]
+        return record
+
+    def _skip_window(self, record: store.WindowRecord) -> list[ShardTask]:
+        """Count a committed window from its record, as planning it again would have."""
+        s, c = self.stats, record.counts
+        s.windows += 1
+        s.skipped_windows += 1
+        for key in (*COUNTED, "outputs"):
+            setattr(s, key, getattr(s, key) + c[key])
+        s.batches += record.batches
+        s.shards += len(record.shards)
+        s.committed_shards += len(record.shards)
+        s.committed_rows += c["rows"]
+        s.committed_outputs += c["outputs"]
+        ids = self._window_ids.pop(record.index)
+        repeated = int(self._seen_ids.contains(ids).sum())  # the earlier windows' ids, prepared or skipped
+        if repeated:
+            raise ConfigError(
+                [
+                    f"dataset.id_column={self.job.dataset.id_column!r}: ids must be unique, but {repeated} ids of "
+                    f"window {record.index + 1} (rows an earlier run committed, not read again) repeat ids of earlier "
+                    "rows, which changed since that run; deduplicate the input, or set dataset.id_column=null to use "
+                    "row numbers"
+                ],
+                title=f"bad input in {redact(self.job.dataset.path)}",
+            )
+        self._seen_ids.add(ids)
+        if self.carry_schema is None:
+            self.carry_schema = record.schema()
+        self._next_batch += record.batches
+        self.shards += [PlannedShard(shard_id, name, rows, outputs) for shard_id, name, rows, outputs in record.shards]
+        return []
+
+    def _plan_window(self, window: list[tuple[ChunkMeta, Any]], index: int) -> list[ShardTask]:
         metas = [m for m, _ in window]
         self._check(window)
         if not metas or sum(m.rows for m in metas) == 0:
             return []
+        before = {key: getattr(self.stats, key) for key in COUNTED}
+        first_shard = len(self.shards)
         lengths = np.concatenate([m.lengths for m in metas])
         keys = np.concatenate([m.row_hashes for m in metas])
         n = default_samples(self.job.generation)
@@ -204,6 +333,21 @@ class JobStream:
                     outputs[shard.shard_id],
                 )
             )
+        digest = self._digests.pop(index, None)
+        if self.records is not None and digest is not None:
+            counts = {key: getattr(self.stats, key) - before[key] for key in before}
+            counts["outputs"] = int(samples.sum())
+            record = store.WindowRecord(
+                index=index,
+                digest=digest,
+                config_hash=self.config_hash,
+                model_revision=self.records.model_revision,
+                batches=the_plan.num_batches,
+                shards=[[p.shard_id, p.name, p.rows, p.outputs] for p in self.shards[first_shard:]],
+                counts=counts,
+                carry_schema=store.WindowRecord.encode_schema(self.carry_schema),
+            )
+            self.records.write(record, np.unique(np.concatenate([m.id_hashes for m in metas])))
         return tasks
 
     def _count(self, metas: list[ChunkMeta], the_plan: plan.Plan, lengths: list[int]) -> None:

@@ -141,6 +141,10 @@ class Engine:
         """Its counters so far: out-of-memory errors, prompt positions computed, empty rows' decode steps."""
         return self.oom_events, self.prompt_positions, self.empty_row_steps
 
+    def check_structured(self) -> None:
+        """Make the structured-output matchers' tokenizer view now (raises ValueError if the tokenizer has none)."""
+        self._grammars.ready()
+
     def mask_seconds(self) -> tuple[float, float]:
         """Structured output's masks so far: seconds spent computing them (beside the forward), and seconds
         decode steps waited for them after their forward."""

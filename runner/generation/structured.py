@@ -41,15 +41,28 @@ class Grammars:
         fresh = self._compiled.get(constraint)
         if fresh is None:
             import llguidance
+
+            fresh = self._compiled[constraint] = llguidance.LLMatcher(self.ready(), constraint.grammar(), log_level=0)
+        return fresh.deep_copy()
+
+    def ready(self) -> Any:
+        """llguidance's view of the tokenizer, made once (about 0.4 s).
+
+        Raises:
+            ValueError: the tokenizer is not a fast (Rust) tokenizer, which llguidance needs.
+        """
+        if self._tokenizer is None:
             import llguidance.hf
 
-            if self._tokenizer is None:
+            try:
                 eos = self._eos or None  # none given: the tokenizer's own
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=eos)
-            fresh = self._compiled[constraint] = llguidance.LLMatcher(
-                self._tokenizer, constraint.grammar(), log_level=0
-            )
-        return fresh.deep_copy()
+            except ValueError as e:
+                raise ValueError(
+                    f"structured output needs a fast tokenizer (tokenizer.json), and this model's is "
+                    f"{type(self._hf).__name__}: {e}"
+                ) from None
+        return self._tokenizer
 
     def start(self, seqs: list[Any]) -> Masks | None:
         """Start computing the next-token masks of `seqs`' constrained sequences (None: none is constrained)."""

@@ -235,6 +235,8 @@ class ShardGenerator:
         if self.ignored:
             log.warning("%s: the model's generation config sets %s, which the engine ignores", self.name, self.ignored)
         self.engine = Engine(self.model, self.tokenizer, decoding, self.limits, job.output.on_row_error, b.share_prefix)
+        if has_structured_output(job):
+            self.engine.check_structured()  # before any shard: a tokenizer llguidance cannot read fails the job here
         self.out = store.open_output_dir(job.output.dir)
         self.schema = store.output_schema(
             setup.carry_schema,

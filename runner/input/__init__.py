@@ -20,10 +20,11 @@ from runner.input.models import (
 )
 from runner.input.prepare import ADAPTER, PREPARED_FIELDS, TOKENS, ChunkMeta, ChunkPreparer, PrepareSpec, prepare_chunk
 from runner.input.settings import SETTINGS
-from runner.input.sources import RawChunk, Source, read_chunks
+from runner.input.sources import RawChunk, Source, chunk_digest, read_chunks
 from runner.input.sources import resolve as resolve_source
 
 __all__ = [
+    "chunk_digest",
     "ADAPTER",
     "Adapter",
     "COMPLETE_MARKER",

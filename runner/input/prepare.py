@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from runner import faults
 from runner.config import DatasetConfig, GenerationSettings, ModelConfig
 from runner.errors import ConfigError
 from runner.input import openai_batch
@@ -85,6 +86,7 @@ class ChunkPreparer:
         """
         if background:
             _yield_cpu()
+        faults.on_prepare()
         if self._tokenizer is None:
             try:
                 self._tokenizer = load_tokenizer(self.spec.model_path, self.spec.model)

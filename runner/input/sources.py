@@ -66,6 +66,22 @@ class RawChunk:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def chunk_digest(chunk: RawChunk, h: Any = None) -> Any:
+    """A blake2b hash of a chunk's raw rows and where they sit in the input (`h`: one to go on updating)."""
+    import hashlib
+
+    h = h or hashlib.blake2b(digest_size=16)
+    h.update(f"{chunk.file}\0{chunk.first_row}\0{chunk.first_file_row}\0{chunk.rows}\0".encode())
+    if chunk.lines is not None:
+        h.update(chunk.lines)
+    else:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, chunk.table.schema) as writer:
+            writer.write_table(chunk.table)
+        h.update(sink.getvalue())
+    return h
+
+
 def resolve(cfg: DatasetConfig) -> Source:
     """Find the input files `dataset.path` names.
 

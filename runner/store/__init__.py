@@ -31,6 +31,7 @@ from runner.store.output import (
 )
 from runner.store.resume import Existing, error_rows, read_shard_totals, scan_existing
 from runner.store.verify import Verdict, verify_run
+from runner.store.windows import WindowRecord, WindowRecords
 
 __all__ = [
     "BATCH_SHAPES",
@@ -46,6 +47,8 @@ __all__ = [
     "Lease",
     "OutputDir",
     "Verdict",
+    "WindowRecord",
+    "WindowRecords",
     "acquire_lease",
     "batch_lines",
     "batch_shape",

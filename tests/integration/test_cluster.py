@@ -243,14 +243,27 @@ def test_a_gpu_node_joining_a_job_on_cpu_workers_gets_a_gpu_worker(two_nodes, t0
 
 
 # Last in the module: it takes the shared cluster's second node away.
-def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, prompts, tmp_path):
+def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, t0_rows, tmp_path):
+    """The node is killed while later windows are still being prepared (each chunk's preparation made 6 s
+    slow): a preparer on it is started again on the head, the chunks it held or was preparing are prepared
+    again, a shard in flight there goes back on the queue, and the job completes without losing a row."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in t0_rows if len(r["prompt"]) < 500][:48])
     out = tmp_path / "run"
-    proc = start_job(
-        job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1")
+    args = job_args(prompts, out, f"cluster.address={two_nodes}", "cluster.num_workers=2", "cluster.cpus_per_worker=1")
+    proc = subprocess.Popen(  # six windows of 8 rows, one chunk each, on two preparers: 18 s of preparation
+        args,
+        cwd=REPO,
+        env={**ENV, "RUNNER_FAULTS": json.dumps({"prepare_delay": 6})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    wait_for_files(out, 2, proc)
+    wait_for_files(out, 1, proc)
     killed = local_cluster("kill-worker")
     assert killed.returncode == 0, killed.stderr
+    before = {f.name for f in out.glob("*.parquet")}
+    # The last two windows (shards 12-17) were not yet planned: their chunks were still being prepared.
+    assert max(int(name.split("-")[1]) for name in before) < 12, before
     time.sleep(2)  # the lost node's worker processes end with its raylet: nothing after this is theirs
     before = {f.name for f in out.glob("*.parquet")}
     stdout, stderr = proc.communicate(timeout=600)

@@ -24,20 +24,26 @@ def test_driver_killed_mid_run_and_a_file_cut_by_power_loss_then_the_same_comman
     proc = subprocess.Popen(
         args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    wait_for_files(out, 2, proc)
+    wait_for_files(out, 4, proc)  # the first window's three shards and more, with one worker taking them in order
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
     proc.wait()
     done_before = sorted(p.name for p in out.glob("*.parquet"))
-    assert 2 <= len(done_before) < ROWS // 3 and not (out / "_manifest.json").exists()
+    assert 4 <= len(done_before) < ROWS // 3 and not (out / "_manifest.json").exists()
     assert (out / "_lease.json").exists()  # the dead driver's lease stays behind
     # a power loss right after a rename: the name reached the disk, the data did not
-    (out / done_before[0]).write_bytes(b"")
+    (out / done_before[-1]).write_bytes(b"")
+    # the windows whose shards are all committed (and whole) are not prepared again by the rerun
+    records = [json.loads(p.read_text()) for p in sorted((out / "_windows").glob("window-*.json"))]
+    whole = set(done_before[:-1])
+    skipped = sum(all(shard[1] in whole for shard in r["shards"]) for r in records)
+    assert skipped >= 1, (records, done_before)
 
     rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
     assert "from an earlier run" in rerun.stdout and "taking over" in log and "of this host is gone" in log
-    assert f"{done_before[0]} is damaged (0 bytes): removing it" in log
+    assert f"{done_before[-1]} is damaged (0 bytes): removing it" in log
+    assert f"resuming: {skipped} of 3 windows are committed and were not prepared again" in log
     assert_complete(out, expected_ids(prompts))
     assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.name.startswith("_lease")]
 

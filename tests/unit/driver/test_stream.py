@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from runner import store
 from runner.config import DatasetConfig, GenerationSettings, JobConfig, ModelConfig, OutputConfig
 from runner.driver import stream
 from runner.driver.feed import TaskFeed
@@ -16,7 +17,9 @@ from runner.store import output, resume
 from tests.conftest import write_jsonl
 
 
-def make_stream(tmp_path, embedded_model_dir, rows, existing=None, chunk_rows=3, **batching) -> stream.JobStream:
+def make_stream(
+    tmp_path, embedded_model_dir, rows, existing=None, chunk_rows=3, records=None, **batching
+) -> stream.JobStream:
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     job = JobConfig(
         dataset=DatasetConfig(path=str(path), id_column="id"),
@@ -27,7 +30,7 @@ def make_stream(tmp_path, embedded_model_dir, rows, existing=None, chunk_rows=3,
     for key, value in {"shard_size": 2, "sort_window": 4, **batching}.items():
         setattr(job.batching, key, value)
     spec = PrepareSpec(job.dataset, embedded_model_dir, job.model, 8, 8192, frozenset(output.BASE_COLUMNS | {TOKENS}))
-    s = stream.JobStream(job, spec, "cfg", existing, use_ray=False)
+    s = stream.JobStream(job, spec, "cfg", existing, use_ray=False, records=records)
     s.chunk_rows = chunk_rows
     return s
 
@@ -165,3 +168,85 @@ def test_the_feed_ends_when_the_windows_do():
         if task is not None:
             got.append(task)
     assert got == ["a", "b", "c"] and feed.finished
+
+
+def test_a_rerun_skips_committed_windows_unprepared_and_plans_the_rest_as_before(
+    tmp_path, embedded_model_dir, monkeypatch
+):
+    out = output.open_output_dir(str(tmp_path / "out"))
+    rows = rows_of(13)  # chunks of 3 rows, windows of at least 4: (3+3), (3+3), (1)
+
+    def records():
+        return store.WindowRecords(out, "cfg", "rev-1")
+
+    first = make_stream(tmp_path, embedded_model_dir, rows, records=records(), existing=resume.Existing({}, {}))
+    planned = [list(tasks) for tasks in first.windows()]
+    assert len(planned) == 3 and (tmp_path / "out" / "_windows" / "window-000002.json").exists()
+    committed = [t for tasks in planned[:2] for t in tasks]  # the first two windows were committed
+    existing = resume.Existing({t.file_name: 1 for t in committed}, {t.shard_id: t.file_name for t in committed})
+    prepared = []
+    prepare = stream.ChunkPreparer.prepare
+    monkeypatch.setattr(
+        stream.ChunkPreparer, "prepare", lambda self, c: prepared.append(c.first_row) or prepare(self, c)
+    )
+    again = make_stream(tmp_path, embedded_model_dir, rows, records=records(), existing=existing)
+    left = [list(tasks) for tasks in again.windows()]
+    assert prepared == [12]  # only the last window's chunk was read into the preparer
+    assert left[:2] == [[], []] and [t.file_name for t in left[2]] == [t.file_name for t in planned[2]]
+    assert [p.name for p in again.shards] == [p.name for p in first.shards]
+    for key in ("rows", "prompt_tokens", "padded_prompt_tokens", "batches", "shards", "outputs"):
+        assert getattr(again.stats, key) == getattr(first.stats, key), key
+    assert again.stats.skipped_windows == 2 and again.stats.committed_shards == len(committed)
+    assert again.carry_schema == first.carry_schema
+    # an edited row in a committed window: that window is prepared again, and its changed shard refused
+    edited = [dict(r, prompt="bird " + r["prompt"]) if r["id"] == "r4" else r for r in rows]
+    prepared.clear()
+    with pytest.raises(ConfigError, match="holds shard"):
+        list(make_stream(tmp_path, embedded_model_dir, edited, records=records(), existing=existing).windows())
+    assert prepared[:2] == [0, 3]
+    # another model revision's records are not used
+    prepared.clear()
+    other = make_stream(
+        tmp_path, embedded_model_dir, rows, records=store.WindowRecords(out, "cfg", "rev-2"), existing=existing
+    )
+    list(other.windows())
+    assert prepared == [0, 3, 6, 9, 12]
+
+
+def test_an_id_of_a_skipped_window_repeated_later_is_still_refused(tmp_path, embedded_model_dir):
+    out = output.open_output_dir(str(tmp_path / "out"))
+    rows = rows_of(8)
+    first = make_stream(
+        tmp_path,
+        embedded_model_dir,
+        rows,
+        records=store.WindowRecords(out, "cfg", "r"),
+        existing=resume.Existing({}, {}),
+    )
+    planned = [list(tasks) for tasks in first.windows()]
+    committed = planned[0]
+    existing = resume.Existing({t.file_name: 1 for t in committed}, {t.shard_id: t.file_name for t in committed})
+    repeated = rows + [{"id": "r1", "prompt": "again"}]
+    again = make_stream(
+        tmp_path, embedded_model_dir, repeated, records=store.WindowRecords(out, "cfg", "r"), existing=existing
+    )
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        list(again.windows())
+
+
+def test_an_earlier_window_edited_to_repeat_an_id_of_a_skipped_window_is_refused(tmp_path, embedded_model_dir):
+    out = output.open_output_dir(str(tmp_path / "out"))
+    rows = rows_of(13)
+
+    def run(rows, existing):
+        s = make_stream(
+            tmp_path, embedded_model_dir, rows, records=store.WindowRecords(out, "cfg", "r"), existing=existing
+        )
+        return [list(tasks) for tasks in s.windows()]
+
+    planned = run(rows, resume.Existing({}, {}))
+    second = planned[1]  # only the second window was committed
+    existing = resume.Existing({t.file_name: 1 for t in second}, {t.shard_id: t.file_name for t in second})
+    edited = [dict(r, id="r7") if r["id"] == "r2" else r for r in rows]  # r7 is a row of the second window
+    with pytest.raises(ConfigError, match="ids of window 2 .* repeat ids of earlier rows"):
+        run(edited, existing)
