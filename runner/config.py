@@ -483,6 +483,9 @@ def result_affecting(job: JobConfig) -> dict[str, Any]:
     # Sharing a prompt prefix changes how prompts are read, not what is written (up to float rounding, as
     # the shape of any batch does).
     kept["batching"] = {k: v for k, v in kept["batching"].items() if k != "share_prefix"}
+    # A schema's properties are written in their order: hashed as written (the blob below sorts keys).
+    if kept["generation"].get("json_schema") is not None:
+        kept["generation"]["json_schema"] = json.dumps(kept["generation"]["json_schema"])
     # Keys added after runs were written hash only when set, so those runs still resume.
     for section, key, default in ADDED_KEYS:
         if kept[section].get(key, default) == default:

@@ -31,13 +31,16 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
 
 
 def prepare_on_cluster(
-    spec: PrepareSpec, chunks: Iterable[RawChunk], first_rows: int = 0
+    spec: PrepareSpec, chunks: Iterable[RawChunk], first_rows: int = 0, keep: list[Any] | None = None
 ) -> Iterator[tuple[ChunkMeta, Any]]:
     """Each chunk's (meta, object ref of its prepared rows), in input order.
 
     Args:
         first_rows: rows prepared at normal priority before the preparers step aside for the workers
             (the first window: workers start only once it is planned, so nothing runs beside it yet).
+        keep: where to put the preparers instead of stopping them at the end: while they live, prepared
+            rows lost with a node before their shard ran are rebuilt by Ray (lineage reconstruction runs
+            the preparing call again); the caller stops them (`stop_preparers`) once every shard ran.
     """
     import ray
 
@@ -49,7 +52,7 @@ def prepare_on_cluster(
     preparer = ray.remote(ChunkPreparer).options(
         num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1
     )
-    actors: list[Any] = []  # started as chunks come: an input of one chunk starts one preparer, not one per CPU
+    actors: list[Any] = keep if keep is not None else []  # started as chunks come: not one per CPU for one chunk
     pending: deque[_Pending] = deque()
     sent = submitted = 0
 
@@ -91,8 +94,17 @@ def prepare_on_cluster(
         while pending:
             yield result(pending.popleft())
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if keep is None:
+            stop_preparers(actors)
+
+
+def stop_preparers(actors: list[Any]) -> None:
+    """Stop the preparers `prepare_on_cluster` kept."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)
+    actors.clear()
 
 
 @dataclass

@@ -126,6 +126,15 @@ def _existing(st: JobStart) -> store.Existing:
 
 def _generate(st: JobStart, stream: JobStream, bar: ProgressBar, session: Session, check: Callable[[], None]) -> None:
     """Plan the windows as they are prepared and run their shards on the session's pool until both end."""
+    try:
+        _run_windows(st, stream, bar, session, check)
+    finally:
+        stream.close()
+
+
+def _run_windows(
+    st: JobStart, stream: JobStream, bar: ProgressBar, session: Session, check: Callable[[], None]
+) -> None:
     windows = _tracked(stream.windows(), stream, bar)
     first: list[ShardTask] = []
     for first in windows:  # the first window with work; its carried columns fix the output schema

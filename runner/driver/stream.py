@@ -103,6 +103,8 @@ class JobStream:
         self.records = records
         self._digests: dict[int, str] = {}  # raw digest of each window read and not yet planned
         self._window_ids: dict[int, Any] = {}  # id hashes of committed windows read and not yet counted
+        self._skipping = True  # every window read so far was committed and skipped
+        self._preparers: list[Any] = []  # a job's preparers, kept (rebuilding lost rows) until `close`
         self.cached = cached
         self.use_ray = use_ray
         self.chunk_rows = min(CHUNK_ROWS, job.batching.sort_window)  # a window is whole chunks
@@ -137,6 +139,11 @@ class JobStream:
             )
         self.finished = True
 
+    def close(self) -> None:
+        """Stop the preparers kept for the job's shards (call once every shard ran, or the job failed)."""
+        if self._preparers:
+            cluster.stop_preparers(self._preparers)
+
     def _prepared(self) -> Iterator[list[tuple[ChunkMeta, Any]] | store.WindowRecord]:
         """Each window in input order: its prepared chunks, or the record of a committed one (not prepared).
 
@@ -159,7 +166,8 @@ class JobStream:
         chunks = read_chunks(resolve_source(self.job.dataset), self.job.dataset, self.chunk_rows)
         order: deque[store.WindowRecord | int] = deque()  # per window read: its record, or its chunks to prepare
         if self.use_ray:
-            prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), first_rows=size)
+            keep = self._preparers if self.records is not None else None  # a job's: kept until its shards ran
+            prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), size, keep)
         else:
             local = ChunkPreparer(self.spec)
             prepared = (local.prepare(chunk) for chunk in self._to_prepare(chunks, order))
@@ -187,34 +195,42 @@ class JobStream:
             yield [ready.popleft() for _ in range(entry)]
 
     def _to_prepare(self, chunks: Iterator[Any], order: deque) -> Iterator[Any]:
-        """The raw chunks to prepare; appends to `order`, per window, its record (skipped) or its chunk count."""
-        index, held, digest, taken = 0, 0, None, []
+        """The raw chunks to prepare; appends to `order`, per window, its record (skipped) or its chunk count.
+
+        Only the committed windows at the start of the input are skipped: a window's shard and batch ids
+        (and so its shards' names) follow from the windows before it, which must then be the same too.
+        """
+        index, held, digest, count, taken = 0, 0, None, 0, []
         streaming = True
         for chunk in chunks:
-            if not taken:  # a window starts
-                streaming = self.records is None or not self.records.has(index)
+            if not count:  # a window starts
+                streaming = not (self._skipping and self.records is not None and self.records.has(index))
             if self.records is not None:
                 digest = chunk_digest(chunk, digest)
-            taken.append(chunk)
+            count += 1
             held += chunk.rows
             if streaming:
-                yield chunk
+                yield chunk  # prepared as read: the driver keeps no raw rows
+            else:
+                taken.append(chunk)
             if held >= self.job.batching.sort_window:
-                yield from self._window_read(index, taken, digest, streaming, order)
-                index, held, digest, taken = index + 1, 0, None, []
-        if taken:
-            yield from self._window_read(index, taken, digest, streaming, order)
+                yield from self._window_read(index, count, taken, digest, order)
+                index, held, digest, count, taken = index + 1, 0, None, 0, []
+        if count:
+            yield from self._window_read(index, count, taken, digest, order)
 
-    def _window_read(self, index: int, taken: list[Any], digest: Any, streaming: bool, order: deque) -> Iterator[Any]:
+    def _window_read(self, index: int, count: int, taken: list[Any], digest: Any, order: deque) -> Iterator[Any]:
+        """A window read whole: skipped (its record to `order`), or its `count` chunks to prepare (`taken`: the
+        ones held back to decide, none when they were sent as read)."""
         if digest is not None:
             self._digests[index] = digest.hexdigest()  # recorded with the window once it is planned
-        record = None if streaming else self._committed_window(index)
+        record = self._committed_window(index) if taken else None
         if record is not None:
             order.append(record)
             return
-        order.append(len(taken))
-        if not streaming:
-            yield from taken
+        self._skipping = False
+        order.append(count)
+        yield from taken
 
     def _committed_window(self, index: int) -> store.WindowRecord | None:
         """The record of a window an earlier run planned from these raw rows, if all its shards are committed."""
@@ -244,13 +260,34 @@ class JobStream:
         s.committed_shards += len(record.shards)
         s.committed_rows += c["rows"]
         s.committed_outputs += c["outputs"]
+        first_shard = record.shards[0][0] if record.shards else len(self.shards)
+        if first_shard != len(self.shards) or record.first_batch != self._next_batch:
+            raise ConfigError(  # cannot happen while only the leading windows are skipped; a damaged record
+                [
+                    f"_windows/ of output.dir records window {record.index + 1} as shards from "
+                    f"{first_shard} and batches from {record.first_batch}, but the windows before it "
+                    f"planned {len(self.shards)} shards and {self._next_batch} batches; remove that folder "
+                    "and rerun (committed shards are kept)"
+                ],
+                title="output.dir's window records do not match its plan",
+            )
+        if self.carry_schema is not None and not record.schema().equals(self.carry_schema):
+            raise ConfigError(
+                [
+                    f"window {record.index + 1} (committed by an earlier run) carries the input columns "
+                    f"{record.schema()}, the windows before it {self.carry_schema}; give the columns one type in "
+                    "every file"
+                ],
+                title=f"bad input in {redact(self.job.dataset.path)}",
+            )
         ids = self._window_ids.pop(record.index)
         repeated = int(self._seen_ids.contains(ids).sum())  # the earlier windows' ids, prepared or skipped
         if repeated:
             raise ConfigError(
                 [
                     f"dataset.id_column={self.job.dataset.id_column!r}: ids must be unique, but {repeated} ids of "
-                    f"window {record.index + 1} (rows an earlier run committed, not read again) repeat ids of earlier "
+                    f"window {record.index + 1} (rows an earlier run committed, not prepared again) repeat ids of "
+                    "earlier "
                     "rows, which changed since that run; deduplicate the input, or set dataset.id_column=null to use "
                     "row numbers"
                 ],
@@ -340,6 +377,7 @@ class JobStream:
             record = store.WindowRecord(
                 index=index,
                 digest=digest,
+                first_batch=self._next_batch - the_plan.num_batches,
                 config_hash=self.config_hash,
                 model_revision=self.records.model_revision,
                 batches=the_plan.num_batches,
@@ -347,7 +385,10 @@ class JobStream:
                 counts=counts,
                 carry_schema=store.WindowRecord.encode_schema(self.carry_schema),
             )
-            self.records.write(record, np.unique(np.concatenate([m.id_hashes for m in metas])))
+            try:
+                self.records.write(record, np.unique(np.concatenate([m.id_hashes for m in metas])))
+            except OSError as e:  # records only save a rerun's preparation: the job goes on without this one
+                log.warning("could not record window %d in _windows/ (%s): a rerun prepares it again", index + 1, e)
         return tasks
 
     def _count(self, metas: list[ChunkMeta], the_plan: plan.Plan, lengths: list[int]) -> None:

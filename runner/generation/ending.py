@@ -55,15 +55,18 @@ class Ending:
     def ended(self, s: Running) -> SequenceResult | None:
         """The sequence's result if its last token ended it, else None."""
         d = s.decoding
-        stops = self.stops(d.stop_strings)
         last = s.tokens[-1]
-        if last in d.eos_ids or last in stops.ids:
-            return self.result(s, s.tokens[:-1], "stop")
-        if s.matcher is not None:
+        if s.matcher is not None:  # constrained: its grammar says when it may end; stop strings do not cut it
             if s.matcher.is_error():
                 raise ValueError(f"structured output: {first_line(s.matcher.get_error(), 200)}")
+            if last in d.eos_ids:
+                return self.result(s, s.tokens[:-1], "stop")
             if s.matcher.is_stopped():  # its grammar is complete and allows nothing more
                 return self.result(s, s.tokens, "stop")
+            return self.result(s, s.tokens, "length") if len(s.tokens) >= d.max_new_tokens else None
+        stops = self.stops(d.stop_strings)
+        if last in d.eos_ids or last in stops.ids:
+            return self.result(s, s.tokens[:-1], "stop")
         if stops.texts and (stops.enders is None or last in stops.enders):
             tail = self.tokenizer.decode(s.tokens[-stops.tail :], skip_special_tokens=True)
             if any(stop in tail for stop in stops.texts):
@@ -75,7 +78,7 @@ class Ending:
     def result(self, s: Running, text_tokens: list[int], reason: str) -> SequenceResult:
         """Its completion: the text of `text_tokens` (cut at a stop string), every generated token counted."""
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-        texts = self.stops(s.decoding.stop_strings).texts
+        texts = self.stops(s.decoding.stop_strings).texts if s.matcher is None else ()
         hits = [text.find(stop) for stop in texts if stop in text]
         if hits:
             text, reason = text[: min(hits)], "stop"

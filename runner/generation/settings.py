@@ -48,6 +48,9 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
     config = {k: v for k, v in generation_config.to_dict().items() if v is not None}
     if gen.prompt_logprobs:  # a scoring job: what it was asked
         config.update(max_new_tokens=0, prompt_logprobs=True)
+    constraint = job_constraint(gen)
+    if constraint is not None:
+        config["structured_output"] = json.loads(constraint.text)
     config_json = json.dumps(config, sort_keys=True, default=str)
     columns = {
         "model": setup.job.model.name_or_path,
@@ -68,7 +71,6 @@ def static_columns(setup: WorkerSetup, generation_config: Any, device: str, name
         "device": device,
     }
     if has_structured_output(setup.job):
-        constraint = job_constraint(gen)
         columns["structured_output"] = constraint.text if constraint is not None else None
     if has_row_settings(setup.job):
         stops = generation_config.stop_strings or []
@@ -94,6 +96,9 @@ def row_columns(static: dict[str, Any], d: Decoding) -> dict[str, Any]:
     for k, v in sampled.items():
         if v is None:
             config.pop(k, None)
+    config.pop("structured_output", None)  # the row's own, where it has one (a Batch line's response_format)
+    if d.constraint is not None:
+        config["structured_output"] = json.loads(d.constraint.text)
     if not d.stop_strings:
         config.pop("stop_strings")
     own = {"structured_output": d.constraint.text if d.constraint is not None else None}

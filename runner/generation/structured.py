@@ -20,6 +20,8 @@ from typing import Any
 
 from runner.constraints import Constraint
 
+KEEP_GRAMMARS = 256  # compiled grammars a worker keeps (rows of their own schemas may bring many)
+
 
 class Grammars:
     """One worker's llguidance tokenizer, compiled grammars and mask thread (made on first use)."""
@@ -38,11 +40,18 @@ class Grammars:
     def matcher(self, constraint: Constraint) -> Any:
         """A new matcher of `constraint`'s grammar, at its start: in llguidance's error state where the grammar
         does not compile for this tokenizer (the driver checked it without one), so its row fails alone."""
-        fresh = self._compiled.get(constraint)
+        fresh = self._compiled.pop(constraint, None)
         if fresh is None:
             import llguidance
 
-            fresh = self._compiled[constraint] = llguidance.LLMatcher(self.ready(), constraint.grammar(), log_level=0)
+            try:
+                tokenizer = self.ready()
+            except ValueError as e:  # a row's own schema (a Batch line's response_format) on such a model
+                return _Failed(str(e))
+            fresh = llguidance.LLMatcher(tokenizer, constraint.grammar(), log_level=0)
+            if len(self._compiled) >= KEEP_GRAMMARS:  # rows of many schemas: the least recently used goes
+                del self._compiled[next(iter(self._compiled))]
+        self._compiled[constraint] = fresh  # the most recently used last
         return fresh.deep_copy()
 
     def ready(self) -> Any:
@@ -53,15 +62,15 @@ class Grammars:
         """
         if self._tokenizer is None:
             import llguidance.hf
+            from transformers import PreTrainedTokenizerFast
 
-            try:
-                eos = self._eos or None  # none given: the tokenizer's own
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=eos)
-            except ValueError as e:
+            if not isinstance(self._hf, PreTrainedTokenizerFast):
                 raise ValueError(
-                    f"structured output needs a fast tokenizer (tokenizer.json), and this model's is "
-                    f"{type(self._hf).__name__}: {e}"
-                ) from None
+                    "structured output needs a fast tokenizer (a tokenizer.json), and this model's is "
+                    f"{type(self._hf).__name__}"
+                )
+            eos = self._eos or None  # none given: the tokenizer's own
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=eos)
         return self._tokenizer
 
     def start(self, seqs: list[Any]) -> Masks | None:
@@ -86,6 +95,22 @@ class Grammars:
         self.computing_s += time.perf_counter() - started
 
 
+class _Failed:
+    """A matcher that could not be made: its row fails alone, with the reason (`runner.generation.ending`)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def is_error(self) -> bool:
+        return True
+
+    def get_error(self) -> str:
+        return self.reason
+
+    def consume_token(self, token: int) -> bool:
+        return False
+
+
 class Masks:
     """A step's next-token masks being computed: `apply` waits for them and masks the scores."""
 
@@ -107,7 +132,8 @@ class Masks:
 
         self.wait()
         rows = torch.tensor(self.rows, device=scores.device)
-        allowed = unpack(self._bitmask.index_select(0, rows.cpu()), scores.shape[-1]).to(scores.device)
+        bitmask = self._bitmask.index_select(0, torch.tensor(self.rows)).to(scores.device)  # 1 bit a token
+        allowed = unpack(bitmask, scores.shape[-1])  # on the scores' device
         scores = scores.clone()
         scores[rows] = scores[rows].masked_fill(~allowed, -float("inf"))
         return scores
@@ -118,7 +144,7 @@ def unpack(bitmask: Any, width: int) -> Any:
     32 i + j allowed); tokens past the mask (a model's padded vocabulary) are not allowed."""
     import torch
 
-    bits = torch.arange(32, dtype=torch.int32)
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
     if allowed.shape[1] >= width:
         return allowed[:, :width]

@@ -36,10 +36,12 @@ class WindowRecord:
     digest: str  # of the window's raw input rows (`runner.input.chunk_digest`)
     config_hash: str
     model_revision: str
+    first_batch: int  # its first batch id (the windows before it planned that many batches)
     batches: int
     shards: list[list[Any]]  # [shard_id, file name, input rows, output rows] of each shard it planned
     counts: dict[str, int] = field(default_factory=dict)  # rows, prompt_tokens, padded_prompt_tokens, ...
     carry_schema: str = ""  # the carried columns' Arrow schema (IPC, base64)
+    ids_digest: str = ""  # of its `.ids.npy` file: ids written by another run of this window are not used
     version: int = VERSION
 
     def schema(self) -> pa.Schema:
@@ -98,23 +100,35 @@ class WindowRecords:
         """The window's sorted unique id hashes (None: unreadable, so the window is prepared again)."""
         try:
             with self.out.fs.open_input_stream(self._path(record.index, ".ids.npy")) as f:
-                return np.load(io.BytesIO(f.read()), allow_pickle=False)
+                data = f.read()
+            if _digest(data) != record.ids_digest:
+                raise ValueError("the ids file is not this record's")
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError):
+            self._found.pop(record.index, None)  # written again when the window is planned
             return None
 
     def write(self, record: WindowRecord, ids: np.ndarray) -> None:
-        """Record a planned window (ids first: a record is only used with its ids)."""
+        """Record a planned window (ids first, and their digest in the record: a record is used with its ids)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(ids, dtype=np.uint64), allow_pickle=False)
+        record.ids_digest = _digest(buffer.getvalue())
         if self._found.get(record.index) == record:
             return  # planned again as it was: nothing new to say
         self.out.fs.create_dir(self.out.join(FOLDER), recursive=True)
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(ids, dtype=np.uint64), allow_pickle=False)
         self._put(self._path(record.index, ".ids.npy"), buffer.getvalue())
         self._put(self._path(record.index, ".json"), json.dumps(asdict(record), sort_keys=True).encode())
         self._found[record.index] = record
 
     def _put(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"  # hidden, as the shard files' temporaries are
         with self.out.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.out.fs.move(tmp, path)
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

@@ -45,7 +45,7 @@ def test_driver_killed_mid_run_and_a_file_cut_by_power_loss_then_the_same_comman
     assert f"{done_before[-1]} is damaged (0 bytes): removing it" in log
     assert f"resuming: {skipped} of 3 windows are committed and were not prepared again" in log
     assert_complete(out, expected_ids(prompts))
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.name.startswith("_lease")]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith("_lease")]
 
 
 @pytest.mark.slow  # keeps make test under 10 minutes (the hung-worker kill and the node loss stay in it)

@@ -118,6 +118,7 @@ def test_a_batch_file_runs_each_request_with_its_own_settings_and_exports_as_bat
     assert again.returncode == 0, again.stderr[-3000:]
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes: each refusal is also checked without Ray (test_own_settings)
 def test_requests_the_runner_cannot_honour_are_refused_with_their_line_and_key(tmp_path):
     lines = [
         REQUESTS[0],

@@ -147,6 +147,10 @@ def test_a_json_schema_hashes_by_what_it_holds_not_where_it_lies(tmp_path):
     other = validate(compose_job("generation.json_schema={type: object, properties: {a: {type: string}}}"))
     assert config_hash(other) != config_hash(inline)
     assert len({config_hash(validate(compose_job(k))) for k in ("generation.regex=a+", "generation.choice=[a]")}) == 2
+    reordered = validate(compose_job("generation.json_schema={properties: {a: {type: integer}}, type: object}"))
+    assert config_hash(reordered) != config_hash(inline)  # properties and keys are written in their order
+    quoted = validate(compose_job('generation.regex="[0-9]{4}-[0-9]{2}-[0-9]{2}"'))  # the README's form
+    assert quoted.generation.regex == "[0-9]{4}-[0-9]{2}-[0-9]{2}"
 
 
 @pytest.mark.parametrize(

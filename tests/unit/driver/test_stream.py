@@ -234,19 +234,30 @@ def test_an_id_of_a_skipped_window_repeated_later_is_still_refused(tmp_path, emb
         list(again.windows())
 
 
-def test_an_earlier_window_edited_to_repeat_an_id_of_a_skipped_window_is_refused(tmp_path, embedded_model_dir):
+def test_only_the_leading_committed_windows_are_skipped(tmp_path, embedded_model_dir, monkeypatch):
+    """A window's shard and batch ids follow from the windows before it: once one is prepared, the rest are
+    too (an edit there may change how many shards it plans), and the usual checks name what changed."""
     out = output.open_output_dir(str(tmp_path / "out"))
     rows = rows_of(13)
+    prepared = []
+    prepare = stream.ChunkPreparer.prepare
+    monkeypatch.setattr(
+        stream.ChunkPreparer, "prepare", lambda self, c: prepared.append(c.first_row) or prepare(self, c)
+    )
 
     def run(rows, existing):
         s = make_stream(
             tmp_path, embedded_model_dir, rows, records=store.WindowRecords(out, "cfg", "r"), existing=existing
         )
-        return [list(tasks) for tasks in s.windows()]
+        return [list(tasks) for tasks in s.windows()], s
 
-    planned = run(rows, resume.Existing({}, {}))
+    planned, first = run(rows, resume.Existing({}, {}))
     second = planned[1]  # only the second window was committed
     existing = resume.Existing({t.file_name: 1 for t in second}, {t.shard_id: t.file_name for t in second})
+    prepared.clear()
+    left, again = run(rows, existing)
+    assert prepared == [0, 3, 6, 9, 12] and again.stats.skipped_windows == 0  # its digest matches, yet prepared
+    assert [p.name for p in again.shards] == [p.name for p in first.shards] and left[1] == []
     edited = [dict(r, id="r7") if r["id"] == "r2" else r for r in rows]  # r7 is a row of the second window
-    with pytest.raises(ConfigError, match="ids of window 2 .* repeat ids of earlier rows"):
+    with pytest.raises(ConfigError, match="ids must be unique, but these repeat: 'r7'"):
         run(edited, existing)

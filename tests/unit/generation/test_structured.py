@@ -122,7 +122,21 @@ def test_constraint_keys_are_checked_and_read(tmp_path):
     assert a.text == '{"json_schema": {"b": 1, "a": {"d": 2, "c": 3}}}'
 
 
-def test_decoding_carries_its_constraint():
-    c = constraint("choice", ["a"])
-    d = Decoding(max_new_tokens=2, eos_ids=frozenset({2}), pad_id=0, constraint=c)
-    assert d == dataclasses.replace(d) and hash(d) == hash(dataclasses.replace(d))
+def test_a_rows_own_schema_becomes_its_decodings_constraint_over_the_jobs():
+    from runner.generation.row_settings import RowDecodings
+
+    job = Decoding(max_new_tokens=2, eos_ids=frozenset({2}), pad_id=0, constraint=constraint("choice", ["a"]))
+    made = RowDecodings(job, job)
+    schema = json.dumps({"type": "object"})
+    own = made.of({"json_schema": schema})
+    assert own.constraint == constraints.Constraint("json_schema", schema) and own is made.of({"json_schema": schema})
+    assert made.of({"json_schema": None}) is None  # the job's constraint
+
+
+def test_stop_strings_do_not_cut_a_constrained_completion(tiny):  # noqa: F811
+    model, tokenizer = tiny
+    c = constraint("choice", ["one, two", "three, four"])
+    rows = rows_of(tokenizer, [6, 13])
+    found = engine(tiny, max_new_tokens=12, eos=EOS, constraint=c, stop_strings=(",",)).generate_all(rows)
+    assert {f.result.completion for f in found} <= {"one, two", "three, four"}
+    assert all(f.result.finish_reason == "stop" for f in found)
