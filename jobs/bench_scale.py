@@ -11,7 +11,7 @@ makes it unique), then:
      process it started: Ray's servers, preparers, workers, so shared memory counts once).
   3. with --resume (the resume at scale): the job on the tiny random model of the tests (its forward costs
      nothing: what is timed is the data path), until every shard of its first window is committed (the
-     window's record, `_windows/window-000000.json`, names them), then killed and run again: seconds until
+     window's record, `_windows/window-000000.rec`, names them), then killed and run again: seconds until
      the rerun commits its first new shard, against the fresh job's first shard.
 Prints a table and writes it as JSON and markdown.
 
@@ -185,7 +185,7 @@ def resume_at_scale(prompts: Path, out_dir: Path, overrides: list[str], timeout:
         *overrides,
     ]
     shutil.rmtree(out_dir, ignore_errors=True)
-    record = out_dir / "_windows" / "window-000000.json"
+    record = out_dir / "_windows" / "window-000000.rec"
 
     def run(until) -> tuple[float | None, float]:
         started = time.time()

@@ -7,7 +7,8 @@ row and token counts, its ids' hashes for the check of repeated ids, the carried
 A 90%-done job then starts its workers after reading its input, not after preparing 90% of it.
 
 Records live in `_windows/` of the run directory (skipped by every Parquet reader), one JSON file
-per window and one `.npy` of its sorted id hashes, each written atomically. A record of another
+per window (`window-NNNNNN.rec`) and one `.npy` array of its sorted id hashes (`window-NNNNNN.ids`),
+each written atomically. A record of another
 config, revision or input is not used and is written over when that window is planned again.
 """
 
@@ -28,6 +29,10 @@ from runner.store.output import OutputDir
 
 FOLDER = "_windows"
 VERSION = 1
+# Names no dataset reader takes for data: HF datasets picks its reader by the commonest extension in a
+# directory, subfolders included, and one `.json` per window would outnumber the Parquet files.
+RECORD = ".rec"  # the record, as JSON
+IDS = ".ids"  # the window's sorted unique id hashes, as a .npy array
 
 
 @dataclass
@@ -41,7 +46,7 @@ class WindowRecord:
     shards: list[list[Any]]  # [shard_id, file name, input rows, output rows] of each shard it planned
     counts: dict[str, int] = field(default_factory=dict)  # rows, prompt_tokens, padded_prompt_tokens, ...
     carry_schema: str = ""  # the carried columns' Arrow schema (IPC, base64)
-    ids_digest: str = ""  # of its `.ids.npy` file: ids written by another run of this window are not used
+    ids_digest: str = ""  # of its `.ids` file: ids written by another run of this window are not used
     version: int = VERSION
 
     def schema(self) -> pa.Schema:
@@ -72,7 +77,7 @@ class WindowRecords:
             return {}
         found = {}
         for info in infos:
-            if not (info.base_name.startswith("window-") and info.base_name.endswith(".json")):
+            if not (info.base_name.startswith("window-") and info.base_name.endswith(RECORD)):
                 continue
             try:
                 with self.out.fs.open_input_stream(info.path) as f:
@@ -99,7 +104,7 @@ class WindowRecords:
     def ids(self, record: WindowRecord) -> np.ndarray | None:
         """The window's sorted unique id hashes (None: unreadable, so the window is prepared again)."""
         try:
-            with self.out.fs.open_input_stream(self._path(record.index, ".ids.npy")) as f:
+            with self.out.fs.open_input_stream(self._path(record.index, IDS)) as f:
                 data = f.read()
             if _digest(data) != record.ids_digest:
                 raise ValueError("the ids file is not this record's")
@@ -116,8 +121,8 @@ class WindowRecords:
         if self._found.get(record.index) == record:
             return  # planned again as it was: nothing new to say
         self.out.fs.create_dir(self.out.join(FOLDER), recursive=True)
-        self._put(self._path(record.index, ".ids.npy"), buffer.getvalue())
-        self._put(self._path(record.index, ".json"), json.dumps(asdict(record), sort_keys=True).encode())
+        self._put(self._path(record.index, IDS), buffer.getvalue())
+        self._put(self._path(record.index, RECORD), json.dumps(asdict(record), sort_keys=True).encode())
         self._found[record.index] = record
 
     def _put(self, path: str, data: bytes) -> None:

@@ -6,12 +6,14 @@ import json
 import subprocess
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import REPO, tiny_llama
 from tests.integration.jobs import assert_complete, expected_ids, job_args
 from tests.unit.generation.test_adapter import make_adapter
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes: the several-adapters job runs this path too
 def test_a_job_with_an_adapter_records_it_and_a_rerun_with_other_weights_is_refused(prompts, tmp_path):
     adapter = make_adapter(tiny_llama(), tmp_path / "support-lora")
     out = tmp_path / "run"

@@ -43,6 +43,7 @@ def run(tmp_path, prompts, *extra):
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # keeps make test under 10 minutes: the Batch job has rows of their own settings too
 def test_rows_of_a_csv_decode_with_their_own_settings_and_say_so(tmp_path):
     prompts = tmp_path / "prompts.csv"
     write_csv(prompts, ROWS)

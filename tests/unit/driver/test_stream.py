@@ -181,7 +181,7 @@ def test_a_rerun_skips_committed_windows_unprepared_and_plans_the_rest_as_before
 
     first = make_stream(tmp_path, embedded_model_dir, rows, records=records(), existing=resume.Existing({}, {}))
     planned = [list(tasks) for tasks in first.windows()]
-    assert len(planned) == 3 and (tmp_path / "out" / "_windows" / "window-000002.json").exists()
+    assert len(planned) == 3 and (tmp_path / "out" / "_windows" / "window-000002.rec").exists()
     committed = [t for tasks in planned[:2] for t in tasks]  # the first two windows were committed
     existing = resume.Existing({t.file_name: 1 for t in committed}, {t.shard_id: t.file_name for t in committed})
     prepared = []
