@@ -21,7 +21,7 @@ from tests.integration.jobs import ROWS, assert_complete, expected_ids, job_args
 def test_driver_killed_mid_run_and_a_file_cut_by_power_loss_then_the_same_command_finishes_the_job(prompts, tmp_path):
     out = tmp_path / "run"
     args = job_args(prompts, out, "cluster.num_workers=1")
-    slow = {**os.environ, "RUNNER_FAULTS": json.dumps({"prepare_delay": 8})}  # the last window comes at 16 s
+    slow = {**os.environ, "RUNNER_FAULTS": json.dumps({"prepare_delay": 6})}  # the last window comes at 12 s
     proc = subprocess.Popen(
         args, cwd=REPO, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
