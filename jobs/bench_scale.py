@@ -130,8 +130,8 @@ def dry_run(prompts: Path, overrides: list[str]) -> dict:
     }
 
 
-def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: float, timeout: float) -> dict:
-    cmd = [
+def job_command(prompts: Path, out_dir: Path, overrides: list[str]) -> list[str]:
+    return [
         sys.executable,
         "jobs/generate.py",
         f"dataset.path={prompts}",
@@ -139,6 +139,10 @@ def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: fl
         f"output.dir={out_dir}",
         *overrides,
     ]
+
+
+def real_job(prompts: Path, out_dir: Path, overrides: list[str], run_seconds: float, timeout: float) -> dict:
+    cmd = job_command(prompts, out_dir, overrides)
     shutil.rmtree(out_dir, ignore_errors=True)  # the first shard seen must be this run's
     started = time.time()
     proc = subprocess.Popen(
@@ -174,16 +178,7 @@ def resume_at_scale(prompts: Path, out_dir: Path, overrides: list[str], timeout:
     sys.path.insert(0, str(REPO))
     from tests.conftest import tiny_llama
 
-    cmd = [
-        sys.executable,
-        "jobs/generate.py",
-        f"dataset.path={prompts}",
-        "dataset.id_column=id",
-        f"output.dir={out_dir}",
-        f"model.name_or_path={tiny_llama()}",
-        "model.quantization=none",
-        *overrides,
-    ]
+    cmd = job_command(prompts, out_dir, [f"model.name_or_path={tiny_llama()}", "model.quantization=none", *overrides])
     shutil.rmtree(out_dir, ignore_errors=True)
     record = out_dir / "_windows" / "window-000000.rec"
 

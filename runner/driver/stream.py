@@ -28,8 +28,9 @@ import pyarrow as pa
 
 from runner import cluster, plan, store
 from runner.config import JobConfig, default_samples, planned_batch_rows
+from runner.driver import checks
 from runner.driver.seen_ids import SeenIds
-from runner.errors import SHOW, ConfigError, listing
+from runner.errors import SHOW, ConfigError
 from runner.input import ChunkMeta, ChunkPreparer, PrepareSpec, chunk_digest, read_chunks, resolve_source
 from runner.secrets import redact
 from runner.tasks import ShardTask
@@ -407,78 +408,9 @@ class JobStream:
     def _check(self, window: list[tuple[ChunkMeta, Any]]) -> None:
         """Every problem of the window's chunks in one error; repeated ids; carried columns that change."""
         metas = [m for m, _ in window]
-        problems = [p for m in metas for p in m.problems]
-        if problems:
-            titles = sorted({m.problem_title for m in metas if m.problems})
-            raise ConfigError(problems, title="; ".join(titles))
-        too_long = [x for m in metas for x in m.too_long]
-        if too_long:
-            g = self.job.generation
-            shown = listing(f"{i!r} ({n} tokens)" for i, n in too_long)
-            raise ConfigError(
-                [
-                    f"{len(too_long)} prompts are longer than the model's context ({self.spec.context} tokens) minus "
-                    f"generation.max_new_tokens={g.max_new_tokens}: {shown}; shorten them, lower max_new_tokens, "
-                    + (
-                        "or set dataset.too_long=truncate_left to keep their ends"
-                        if self.job.dataset.too_long == "refuse"
-                        else "or shorten what the chat template puts around them (system prompt, earlier turns): "
-                        "with too_long=truncate_left only the user's own text is cut, and that alone is not enough"
-                    )
-                ],
-                title=f"bad input in {redact(self.job.dataset.path)}",
-            )
-        self._check_columns(metas)
+        checks.raise_chunk_problems(metas, self.job, self.spec.context)
+        self.carry_schema = checks.carried_schema(self.carry_schema, metas, self.job.dataset.path)
         self._check_ids(window)
-
-    def _check_columns(self, metas: list[ChunkMeta]) -> None:
-        for m in metas:
-            if self.carry_schema is None:
-                # A column with no value in the first chunk is carried as text.
-                self.carry_schema = pa.schema(
-                    [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in m.carry_schema]
-                )
-                continue
-            self._check_types(m)
-            new = [n for n in m.carry_schema.names if n not in self.carry_schema.names]
-            if new:
-                raise ConfigError(
-                    [
-                        f"{m.file}: column(s) {', '.join(map(repr, new))} first appear at row {m.first_row} of the "
-                        f"input; the columns carried to the output are those of its first rows "
-                        f"({', '.join(self.carry_schema.names) or 'none'}). Add them (null) to the first rows, or "
-                        "drop them"
-                    ],
-                    title=f"bad input in {redact(self.job.dataset.path)}",
-                )
-
-    def _check_types(self, m: ChunkMeta) -> None:
-        """A carried column keeps the type of the first rows (null, or anything as text, aside)."""
-        for f in m.carry_schema:
-            if f.name not in self.carry_schema.names:
-                continue
-            want = self.carry_schema.field(f.name).type
-            nested = pa.types.is_nested(f.type)  # lists, objects: no text to carry them as
-            if f.type == want or pa.types.is_null(f.type) or (pa.types.is_string(want) and not nested):
-                continue
-            if nested and pa.types.is_string(want):
-                raise ConfigError(
-                    [
-                        f"{m.file}: column {f.name!r} holds {f.type} values from row {m.first_row} of the input on, "
-                        "but only nulls or text in its first rows, which fixed it as a text column; give its first "
-                        "rows a value of that shape, put those rows first, or drop the column"
-                    ],
-                    title=f"bad input in {redact(self.job.dataset.path)}",
-                )
-            if pa.types.is_integer(f.type) and pa.types.is_floating(want):
-                continue
-            raise ConfigError(
-                [
-                    f"{m.file}: column {f.name!r} holds {f.type} values from row {m.first_row} of the input on, "
-                    f"but {want} in its first rows; give the column one type in every file"
-                ],
-                title=f"bad input in {redact(self.job.dataset.path)}",
-            )
 
     def _check_ids(self, window: list[tuple[ChunkMeta, Any]]) -> None:
         hashes = np.concatenate([m.id_hashes for m, _ in window]) if window else np.zeros(0, np.uint64)
@@ -489,19 +421,9 @@ class JobStream:
             raise ConfigError(
                 [
                     f"dataset.id_column={self.job.dataset.id_column!r}: ids must be unique, but these repeat: "
-                    f"{self._name_ids(window, repeated)}; deduplicate the input, or set dataset.id_column=null "
+                    f"{checks.name_ids(window, repeated)}; deduplicate the input, or set dataset.id_column=null "
                     "to use row numbers"
                 ],
                 title=f"bad input in {redact(self.job.dataset.path)}",
             )
         self._seen_ids.add(unique)
-
-    def _name_ids(self, window: list[tuple[ChunkMeta, Any]], hashes: set[int]) -> str:
-        named = []
-        for meta, rows_ref in window:
-            hits = [i for i, h in enumerate(meta.id_hashes.tolist()) if h in hashes]
-            if hits:
-                rows = rows_ref if isinstance(rows_ref, pa.Table) else cluster.fetch(rows_ref)
-                ids = rows.column("id").to_pylist()
-                named += [f"{ids[i]!r} (row {meta.first_row + i})" for i in hits]
-        return listing(named)
