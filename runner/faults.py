@@ -9,6 +9,8 @@ Nothing is injected unless the environment variable RUNNER_FAULTS holds a JSON o
     {"write_error": {"part-000001": 2}}  the first 2 writes of files named part-000001* fail (OSError)
     {"prepare_delay": 4}              preparing each chunk of input takes 4 s more (slow preparation:
                                       later windows are still being prepared while workers generate)
+    {"fetch_whole_chunks": true}      workers copy every chunk their shard takes rows from whole (how
+                                      they fetched before preparers served slices: a benchmark's baseline)
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def on_prepare() -> None:
     delay = float(_faults().get("prepare_delay", 0))
     if delay:
         time.sleep(delay)
+
+
+def fetch_whole_chunks() -> bool:
+    return bool(_faults().get("fetch_whole_chunks"))
 
 
 def failing_rows() -> frozenset[str]:

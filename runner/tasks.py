@@ -38,11 +38,23 @@ class WorkerSetup:
 
 
 @dataclass
+class HeldRows:
+    """A chunk's prepared rows in the object store (`ref`), and the preparer actor that made them (`holder`).
+
+    The holder runs on the node whose object store has the rows: a worker on another node asks it for only
+    the rows its shard takes (`runner.generation.fetch`) instead of copying the whole chunk to its node.
+    """
+
+    ref: Any
+    holder: Any
+
+
+@dataclass
 class ShardTask:
     """One shard: which prepared rows, in generation order, cut into batches of positions [start, end).
 
-    `parts` are tables of prepared rows (`runner.input.prepare`), or Ray object refs to them: the
-    worker fetches them from the object store itself, so no token passes through the driver.
+    `parts` are tables of prepared rows (`runner.input.prepare`), Ray object refs to them, or `HeldRows`:
+    the worker fetches them from the object store itself, so no token passes through the driver.
     """
 
     shard_id: int

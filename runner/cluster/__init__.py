@@ -4,7 +4,7 @@ job submission. Ray itself is imported where it is first called, so importing th
 
 from runner.cluster.connect import connect, keep_loopback_addresses
 from runner.cluster.pool import WorkerPlan, WorkerPool, plan_workers
-from runner.cluster.preparers import fetch, prepare_on_cluster, stop_preparers
+from runner.cluster.preparers import fetch, prepare_on_cluster, stop_preparers, unheld
 from runner.cluster.session import Session
 from runner.cluster.submit import entrypoint, submit_and_follow
 
@@ -20,4 +20,5 @@ __all__ = [
     "prepare_on_cluster",
     "stop_preparers",
     "submit_and_follow",
+    "unheld",
 ]

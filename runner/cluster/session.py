@@ -14,6 +14,7 @@ from typing import Any
 
 from runner.cluster.connect import connect, restore_auth
 from runner.cluster.pool import WorkerPool, plan_workers
+from runner.cluster.preparers import unheld
 from runner.config import JobConfig
 from runner.tasks import WorkerSetup
 
@@ -45,8 +46,9 @@ class Session:
         return None
 
     def keep_chunks(self, job: JobConfig, chunks: list[Any]) -> None:
-        # Only the latest input is kept: a sweep over datasets should not hold them all.
-        self._input_key, self._input = self._input_key_for(job), chunks
+        # Only the latest input is kept: a sweep over datasets should not hold them all. Its preparers stop with
+        # the job, so the next job's workers fetch the chunks whole.
+        self._input_key, self._input = self._input_key_for(job), unheld(chunks)
 
     @staticmethod
     def _input_key_for(job: JobConfig) -> str:

@@ -168,7 +168,9 @@ class JobStream:
         order: deque[store.WindowRecord | int] = deque()  # per window read: its record, or its chunks to prepare
         if self.use_ray:
             keep = self._preparers if self.records is not None else None  # a job's: kept until its shards ran
-            prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), size, keep)
+            # Preparers step aside for the workers after the first window; a dry run has none: never.
+            ahead = size if self.existing is not None else 2**62
+            prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), ahead, keep)
         else:
             local = ChunkPreparer(self.spec)
             prepared = (local.prepare(chunk) for chunk in self._to_prepare(chunks, order))

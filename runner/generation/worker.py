@@ -25,7 +25,7 @@ import pyarrow as pa
 from runner import faults, store
 from runner.config import has_row_settings, has_structured_output
 from runner.constraints import job_constraint
-from runner.generation import scoring, shard_rows
+from runner.generation import fetch, scoring, shard_rows
 from runner.generation.row_settings import RowDecodings
 from runner.generation.settings import build_generation_config, row_columns, static_columns
 from runner.input import ADAPTER, SETTINGS, TOKENS
@@ -119,14 +119,8 @@ def pinned(path: str, setup: WorkerSetup) -> Any:
 
 def gather(task: ShardTask, carry_schema: pa.Schema) -> pa.Table:
     """The shard's prepared rows in generation order, fetched from the object store where they are refs."""
-    parts = list(task.parts)
-    refs = [i for i, p in enumerate(parts) if not isinstance(p, pa.Table)]
-    if refs:
-        import ray
-
-        for i, table in zip(refs, ray.get([parts[i] for i in refs])):
-            parts[i] = table
-    return shard_rows.in_generation_order(parts, task.take, carry_schema)
+    parts, take = fetch.fetch_parts(task.parts, task.take)
+    return shard_rows.in_generation_order(parts, take, carry_schema)
 
 
 class ShardGenerator:

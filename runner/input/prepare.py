@@ -94,6 +94,11 @@ class ChunkPreparer:
                 return _failed(chunk, e.problems, e.title), None
         return prepare_chunk(chunk, self.spec, self._tokenizer)
 
+    def take(self, rows: pa.Table, index: Any) -> pa.Table:
+        """The rows at `index` of a chunk this actor prepared: what one shard needs of it (served on the
+        chunk's node, beside preparing, so a worker elsewhere copies only these)."""
+        return rows.take(index)
+
 
 def _yield_cpu() -> None:
     """Preparing ahead must not slow the workers generating on the same cores: schedule this thread

@@ -64,6 +64,19 @@ def test_the_scale_benchmark_measures_a_small_input(tmp_path):
     assert "| 300 |" in (tmp_path / "bench_scale.md").read_text()
 
 
+def test_the_object_store_benchmark_measures_both_nodes_both_ways(tmp_path):
+    args = ["jobs/bench_object_store.py", "--rows", "1024", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, sliced = json.loads((tmp_path / "bench_object_store.json").read_text())
+    assert (whole["fetch"], sliced["fetch"]) == ("whole", "slices")
+    for run in (whole, sliced):
+        assert set(run["nodes"]) == {"head", "worker"}
+        assert sum(n["rows"] for n in run["nodes"].values()) == 1024
+        assert all(n["written_mib"] > 0 for n in run["nodes"].values())
+    assert result.stdout.count("its store held at most") == 2  # a ratio per node
+
+
 def test_the_sweep_benchmark_runs(tmp_path):
     args = ["jobs/bench_sweep.py", "--rows", "4", "--max-new-tokens", "4", "--out", str(tmp_path)]
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=1200)

@@ -244,6 +244,67 @@ def test_a_gpu_node_joining_a_job_on_cpu_workers_gets_a_gpu_worker(two_nodes, t0
     assert_complete(out, expected_ids(prompts))
 
 
+FETCH_ON_NODES = r"""
+import json, sys
+import numpy as np, pyarrow as pa, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from runner.cluster import keep_loopback_addresses
+from runner.generation import fetch
+from runner.input import ChunkPreparer
+from runner.tasks import HeldRows
+
+with keep_loopback_addresses():  # the cluster listens on 127.0.0.1 only
+    ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+head = ray.get_runtime_context().get_node_id()  # this driver's node: where ray.put stores the chunks
+holder = ray.remote(concurrency_groups={"take": 2})(ChunkPreparer).options(
+    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(None)
+chunks = [pa.table({"id": [f"c{c}-{i}" for i in range(1000)], "text": ["x" * 2000] * 1000}) for c in range(2)]
+parts = [HeldRows(ray.put(t), holder) for t in chunks]
+take = np.array([[k, r] for r in range(0, 1000, 97) for k in (1, 0)])
+
+@ray.remote(num_cpus=0)
+def fetch_here(parts, take):
+    tables, where = fetch.fetch_parts(parts, take)
+    ids = [tables[k].column("id")[r].as_py() for k, r in where.tolist()]
+    return ray.get_runtime_context().get_node_id(), ids, [t.num_rows for t in tables]
+
+def on(node):
+    return fetch_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head)
+found = {"head": ray.get(on(head).remote(parts, take)), "other": ray.get(on(other).remote(parts, take))}
+ray.kill(holder)
+while True:  # until it is dead: a call sent just after the kill may still reach it
+    try:
+        ray.get(holder.take.remote(parts[0].ref, pa.array([0])))
+    except ray.exceptions.ActorDiedError:
+        break
+found["other, holder gone"] = ray.get(on(other).remote(parts, take))
+found["want"] = [chunks[k].column("id")[r].as_py() for k, r in take.tolist()]
+found["nodes"] = [head, other]
+print(json.dumps(found))
+"""
+
+
+def test_a_shard_on_another_node_copies_only_the_rows_it_takes_from_each_chunk(two_nodes, tmp_path):
+    """A worker on the chunks' node reads them in place; one on another node gets from their preparer only
+    the rows its shard takes; with that preparer gone it fetches the chunks whole. The rows are the same."""
+    done = subprocess.run(
+        [sys.executable, "-c", FETCH_ON_NODES, two_nodes],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    head, other = found["nodes"]
+    want = found["want"]
+    assert found["head"] == [head, want, [1000, 1000]]  # in place, whole
+    assert found["other"] == [other, want, [11, 11]]  # 11 rows taken from each chunk, and only those
+    assert found["other, holder gone"] == [other, want, [1000, 1000]]
+
+
 # Last in the module: it takes the shared cluster's second node away.
 def test_losing_the_second_node_mid_run_still_completes_the_job(two_nodes, t0_rows, tmp_path):
     """The node is killed while later windows are still being prepared (each chunk's preparation made 5 s

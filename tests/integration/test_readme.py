@@ -73,6 +73,11 @@ ELSEWHERE = [
     (".venv/bin/python jobs/bench_sweep.py", "tests/integration/test_benchmarks.py", '"jobs/bench_sweep.py"'),
     (".venv/bin/python jobs/benchmark.py", "tests/integration/test_benchmarks.py", '"jobs/benchmark.py"'),
     (".venv/bin/python jobs/bench_scale.py", "tests/integration/test_benchmarks.py", '"jobs/bench_scale.py"'),
+    (
+        ".venv/bin/python jobs/bench_object_store.py",
+        "tests/integration/test_benchmarks.py",
+        "jobs/bench_object_store.py",
+    ),
 ]
 SPARK = "pyspark"  # the Spark block runs in the slow Spark test (tests/integration/test_benchmarks.py)
 
