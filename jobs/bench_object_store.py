@@ -11,8 +11,8 @@ Per node it reads the raylet's object-store counters, and from the output which 
 - the peak of `object_store_bytes_used` (sampled every 0.5 s): what the node's store held at most, the
   figure that matters (a store that fills spills to disk, then fails);
 - `cumulative_created_bytes`: every object written into the store: chunks prepared there, copies pulled
-  from the other node, and with slices also the slices it served to the other node (so on two nodes
-  the bytes written come out about even; they shrink as 2/N with N nodes).
+  from the other node, and with slices also the slices it served to the other node (so the node holding
+  the chunks is written more with slices than without: its chunks and the slices it serves).
 
 Usage:
     python jobs/bench_object_store.py                  # 8,192 prompts: two chunks of 4,096 rows
@@ -111,7 +111,6 @@ class StoreWatch:
 
 def run_job(prompts: Path, out: Path, model: str, whole: bool) -> dict:
     """One job on the cluster; per node: its store's bytes, the shards that ran there and their tokens."""
-
     command = [
         sys.executable,
         "jobs/generate.py",

@@ -39,7 +39,7 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
 
 
 def prepare_on_cluster(
-    spec: PrepareSpec, chunks: Iterable[RawChunk], first_rows: int = 0, keep: list[Any] | None = None
+    spec: PrepareSpec, chunks: Iterable[RawChunk], first_rows: float = 0, keep: list[Any] | None = None
 ) -> Iterator[tuple[ChunkMeta, Any]]:
     """Each chunk's (meta, object ref of its prepared rows), in input order.
 

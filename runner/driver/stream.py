@@ -168,8 +168,8 @@ class JobStream:
         order: deque[store.WindowRecord | int] = deque()  # per window read: its record, or its chunks to prepare
         if self.use_ray:
             keep = self._preparers if self.records is not None else None  # a job's: kept until its shards ran
-            # Preparers step aside for the workers after the first window; a dry run has none: never.
-            ahead = size if self.existing is not None else 2**62
+            # Preparers step aside for the workers after the first window; a dry run (no `existing`) has none.
+            ahead = size if self.existing is not None else float("inf")
             prepared = cluster.prepare_on_cluster(self.spec, self._to_prepare(chunks, order), ahead, keep)
         else:
             local = ChunkPreparer(self.spec)
